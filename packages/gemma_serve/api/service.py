@@ -1,0 +1,158 @@
+"""`GemmaService`: what `model/model.py` delegates to. It starts Triton with the configured engine,
+connects the client, and turns HTTP requests into pipeline runs.
+
+Routes: `predict` (Truss), and the OpenAI routes in `openai_routes.py`, all over one pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from gemma_serve.api import errors
+from gemma_serve.api.pipeline import Finished, GenerationPipeline, TextDelta
+from gemma_serve.api.schemas import Message, PredictRequest
+from gemma_serve.api.tokenizer import Tokenizer
+from gemma_serve.settings import ServingSettings
+from gemma_serve.triton.client import TritonClient
+from gemma_serve.triton.repository import PORTABLE_MODEL, render_portable_repository
+from gemma_serve.triton.server import TritonServer
+
+logger = logging.getLogger(__name__)
+
+PACKAGES_DIR = Path(__file__).resolve().parents[2]
+
+
+async def read_json(request: Request) -> Any:
+    """The body as JSON, or a 400 that says why not."""
+    body = await request.body()
+    if not body:
+        raise errors.invalid("the request body is empty; send a JSON object")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise errors.invalid(f"the request body is not valid JSON: {exc}") from exc
+
+
+def parse(model: type, payload: Any):
+    if not isinstance(payload, dict):
+        raise errors.invalid("the request body must be a JSON object")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise errors.from_validation_error(exc) from exc
+
+
+def messages_for_template(messages: list[Message]) -> list[dict]:
+    """Chat messages as the Gemma template expects them; images are refused until the engine takes them."""
+    out = []
+    for m in messages:
+        role = "system" if m.role == "developer" else m.role
+        if m.content is None or isinstance(m.content, str):
+            out.append({"role": role, "content": m.content or ""})
+            continue
+        parts = []
+        for i, part in enumerate(m.content):
+            if part.type != "text":
+                raise errors.invalid("image inputs are not supported by this deployment yet",
+                                     param=f"messages.content.{i}", code="unsupported_content")
+            parts.append({"type": "text", "text": part.text})
+        out.append({"role": role, "content": parts})
+    return out
+
+
+class GemmaService:
+    def __init__(self, settings: ServingSettings, tokenizer: Tokenizer, server: TritonServer | None,
+                 client: TritonClient) -> None:
+        self.settings = settings
+        self.tokenizer = tokenizer
+        self.server = server
+        self.client = client
+        self.pipeline = GenerationPipeline(tokenizer, client, settings.default_max_tokens)
+
+    @classmethod
+    def start(cls, settings: ServingSettings, hf_token: str | None = None) -> "GemmaService":
+        """Load the tokenizer, render the model repository, start tritonserver and wait for the model."""
+        if settings.engine != "portable":
+            raise NotImplementedError(f"engine '{settings.engine}' is not available in this build")
+        tokenizer = Tokenizer.load(settings.tokenizer_path, hf_token, settings.revision, settings.max_model_len)
+        workdir = Path(settings.workdir) if settings.workdir else Path(tempfile.mkdtemp(prefix="gemma-serve-"))
+        repository = render_portable_repository(settings, workdir / "model_repository")
+        env = {"PYTHONPATH": str(PACKAGES_DIR), "HF_TOKEN": hf_token or ""}
+        server = TritonServer(
+            repository, workdir,
+            grpc_port=settings.triton_grpc_port, http_port=settings.triton_http_port,
+            metrics_port=settings.triton_metrics_port, startup_timeout_s=settings.triton_startup_timeout_s,
+            log_verbose=settings.triton_log_verbose, extra_env=env,
+        )
+        server.start()
+        client = TritonClient(server.grpc_url, PORTABLE_MODEL)
+        logger.info("serving %s through tritonserver at %s (metrics %s)", settings.model, server.grpc_url,
+                    server.metrics_url)
+        return cls(settings, tokenizer, server, client)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    # --- Truss predict ---------------------------------------------------------------------------
+
+    async def predict(self, request: Request) -> Response:
+        try:
+            body = parse(PredictRequest, await read_json(request))
+            if body.messages is not None:
+                prompt_ids = self.tokenizer.encode_chat(messages_for_template(body.messages))
+            else:
+                prompt_ids = self.tokenizer.encode_prompt(body.prompt)
+            prepared = self.pipeline.prepare(prompt_ids, body)
+            events = self.pipeline.stream(prepared, request.headers.get("x-request-id") or uuid.uuid4().hex)
+            if body.stream:
+                first = await _first_event(events)
+                return StreamingResponse(_predict_chunks(first, events), media_type="text/plain; charset=utf-8")
+            text, finished = [], None
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    text.append(event.text)
+                else:
+                    finished = event
+            assert finished is not None
+            return JSONResponse({"text": "".join(text), "finish_reason": finished.finish_reason,
+                                 "usage": finished.usage, "model": self.settings.model_name})
+        except errors.APIError as exc:
+            return exc.response()
+
+
+async def _first_event(events: AsyncIterator[TextDelta | Finished]) -> TextDelta | Finished:
+    """Wait for the first event before answering 200, so errors the engine raises before the first
+    token (rejected, overloaded) still get their status code."""
+    try:
+        return await events.__anext__()
+    except BaseException:
+        await events.aclose()
+        raise
+
+
+async def _predict_chunks(first: TextDelta | Finished, events: AsyncIterator[TextDelta | Finished]
+                          ) -> AsyncIterator[bytes]:
+    try:
+        if isinstance(first, TextDelta) and first.text:
+            yield first.text.encode()
+        async for event in events:
+            if isinstance(event, TextDelta) and event.text:
+                yield event.text.encode()
+    except errors.APIError as exc:
+        # Headers are gone; the stream just ends. The log says why.
+        logger.error("stream failed after it started: %s", exc)
+    except asyncio.CancelledError:
+        raise
+    finally:
+        await events.aclose()

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    """Everything the portable engine needs to start. Filled from the serving settings (config.yaml)."""
+
+    # Hugging Face repo id (downloaded with `hf_token`) or a local folder in Hugging Face layout.
+    model: str
+    hf_token: str | None = None
+    revision: str | None = None
+    # "auto": CUDA when available, else CPU.
+    device: str = "auto"
+    # "auto": the checkpoint's dtype (bf16) on CUDA, float32 on CPU.
+    dtype: str = "auto"
+    # Tokens per KV-cache block.
+    block_size: int = 16
+    # Number of KV blocks; None sizes the pool from free memory (`kv_cache_memory_fraction` of free
+    # GPU memory, or `cpu_kv_cache_tokens` on CPU).
+    num_kv_blocks: int | None = None
+    kv_cache_memory_fraction: float = 0.85
+    cpu_kv_cache_tokens: int = 65536
+    # Most sequences decoding at once, and most tokens (prefill + decode) in one engine step.
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    # Longest prompt + output; None: the model's max_position_embeddings capped at 8192.
+    max_model_len: int | None = None
+    # Most requests waiting for a slot before new ones are refused (EngineOverloadedError -> 503).
+    max_queue_len: int = 4096
+    enable_prefix_caching: bool = True
+    # "none" | "int8" (weight-only, per-output-channel scales).
+    quantization: str = "none"
+    # Capture decode steps as CUDA graphs (CUDA only).
+    cuda_graphs: bool = True

@@ -1,0 +1,81 @@
+"""Serving settings: one source for the Truss model, the Triton repository and the engine.
+
+Values come from `config.yaml`'s `model_metadata`, then environment variables named
+`GEMMA_SERVE_<FIELD>` (upper case) override them, so `make serve MODEL=...` and tests can change a
+setting without editing the config.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "GEMMA_SERVE_"
+
+
+class ServingSettings(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    # --- model ---
+    # Hugging Face repo id or local folder with the weights (portable engine) and tokenizer.
+    model: str = "google/gemma-3-4b-it"
+    # Tokenizer location when it differs from `model` (TensorRT-LLM engines ship without one).
+    tokenizer: str | None = None
+    revision: str | None = None
+    # The name clients pass as `model` in OpenAI requests; defaults to `model`.
+    served_model_name: str | None = None
+
+    # --- engine behind Triton ---
+    engine: Literal["portable", "tensorrt_llm"] = "portable"
+    device: str = "auto"
+    dtype: str = "auto"
+    quantization: Literal["none", "int8"] = "none"
+    block_size: int = Field(16, ge=1)
+    num_kv_blocks: int | None = Field(None, ge=1)
+    kv_cache_memory_fraction: float = Field(0.85, gt=0, le=1)
+    cpu_kv_cache_tokens: int = Field(65536, ge=16)
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int = Field(4096, ge=16)
+    max_queue_len: int = Field(4096, ge=1)
+    enable_prefix_caching: bool = True
+    cuda_graphs: bool = True
+
+    # --- request limits and defaults ---
+    # Context window (prompt + output); None: the model's, capped at 8192.
+    max_model_len: int | None = Field(None, ge=16)
+    default_max_tokens: int = Field(256, ge=1)
+
+    # --- Triton process ---
+    # 0 picks a free port (tests, several servers on one machine).
+    triton_grpc_port: int = Field(8001, ge=0)
+    triton_http_port: int = Field(8000, ge=0)
+    triton_metrics_port: int = Field(8002, ge=0)
+    triton_startup_timeout_s: float = Field(600.0, gt=0)
+    triton_log_verbose: int = Field(0, ge=0)
+    # Where the rendered model repository and tritonserver's log go; None: a fresh temporary folder.
+    workdir: str | None = None
+
+    @property
+    def tokenizer_path(self) -> str:
+        return self.tokenizer or self.model
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    @classmethod
+    def load(cls, model_metadata: Mapping[str, Any] | None = None,
+             environ: Mapping[str, str] | None = None) -> "ServingSettings":
+        """`model_metadata` from config.yaml, overridden by GEMMA_SERVE_* variables."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = dict(model_metadata or {})
+        for name in cls.model_fields:
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = None if raw.lower() == "none" else raw
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ValueError(f"invalid serving settings (config.yaml model_metadata / {ENV_PREFIX}*): {exc}") from exc
