@@ -37,3 +37,9 @@ class Model:
 
     async def predict(self, request: Request) -> Response:
         return await self._service.predict(request)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._service.chat_completions(request)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._service.completions(request)

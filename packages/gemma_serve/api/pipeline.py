@@ -109,7 +109,8 @@ class GenerationPipeline:
 
     async def stream(self, prepared: Prepared, request_id: str | None = None
                      ) -> AsyncIterator[TextDelta | Finished]:
-        """Text deltas as they become valid UTF-8, then one `Finished`. Raises `errors.APIError`."""
+        """A `TextDelta` per engine chunk (text as it becomes valid UTF-8, possibly ""), then one
+        `Finished`. Raises `errors.APIError`."""
         request_id = request_id or uuid.uuid4().hex
         detokenizer = IncrementalDetokenizer(self.tokenizer)
         matcher = StopStringMatcher(prepared.stop_strings)
@@ -120,8 +121,9 @@ class GenerationPipeline:
             async for chunk in tokens:
                 token_ids.extend(chunk.token_ids)
                 result = matcher.push(detokenizer.push(chunk.token_ids))
-                if result.text:
-                    yield TextDelta(result.text, chunk.token_ids, chunk.logprobs)
+                # One delta per chunk, even with no text yet (half a character, held-back stop
+                # prefix), so token ids and log-probs are never lost.
+                yield TextDelta(result.text, chunk.token_ids, chunk.logprobs)
                 if result.stopped:
                     stopped_by_string = True
                     break

@@ -19,6 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gemma_serve.api import errors
+from gemma_serve.api.openai_routes import OpenAIRoutes
+from gemma_serve.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from gemma_serve.api.pipeline import Finished, GenerationPipeline, TextDelta
 from gemma_serve.api.schemas import Message, PredictRequest
 from gemma_serve.api.tokenizer import Tokenizer
@@ -78,6 +80,8 @@ class GemmaService:
         self.server = server
         self.client = client
         self.pipeline = GenerationPipeline(tokenizer, client, settings.default_max_tokens)
+        self.openai = OpenAIRoutes(self.pipeline, settings.model_name,
+                                   lambda messages: tokenizer.encode_chat(messages_for_template(messages)))
 
     @classmethod
     def start(cls, settings: ServingSettings, hf_token: str | None = None) -> "GemmaService":
@@ -104,31 +108,51 @@ class GemmaService:
         if self.server is not None:
             self.server.stop()
 
-    # --- Truss predict ---------------------------------------------------------------------------
+    # --- routes: each parses its own body so every error gets the same JSON error body -----------
 
     async def predict(self, request: Request) -> Response:
-        try:
-            body = parse(PredictRequest, await read_json(request))
-            if body.messages is not None:
-                prompt_ids = self.tokenizer.encode_chat(messages_for_template(body.messages))
+        return await _answer(self._predict(request))
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await _answer(self._openai(request, ChatCompletionRequest, self.openai.chat))
+
+    async def completions(self, request: Request) -> Response:
+        return await _answer(self._openai(request, CompletionRequest, self.openai.completions))
+
+    async def _openai(self, request: Request, schema: type, route) -> Response:
+        return await route(parse(schema, await read_json(request)))
+
+    async def _predict(self, request: Request) -> Response:
+        body = parse(PredictRequest, await read_json(request))
+        if body.messages is not None:
+            prompt_ids = self.tokenizer.encode_chat(messages_for_template(body.messages))
+        else:
+            prompt_ids = self.tokenizer.encode_prompt(body.prompt)
+        prepared = self.pipeline.prepare(prompt_ids, body)
+        events = self.pipeline.stream(prepared, request.headers.get("x-request-id") or uuid.uuid4().hex)
+        if body.stream:
+            first = await _first_event(events)
+            return StreamingResponse(_predict_chunks(first, events), media_type="text/plain; charset=utf-8")
+        text, finished = [], None
+        async for event in events:
+            if isinstance(event, TextDelta):
+                text.append(event.text)
             else:
-                prompt_ids = self.tokenizer.encode_prompt(body.prompt)
-            prepared = self.pipeline.prepare(prompt_ids, body)
-            events = self.pipeline.stream(prepared, request.headers.get("x-request-id") or uuid.uuid4().hex)
-            if body.stream:
-                first = await _first_event(events)
-                return StreamingResponse(_predict_chunks(first, events), media_type="text/plain; charset=utf-8")
-            text, finished = [], None
-            async for event in events:
-                if isinstance(event, TextDelta):
-                    text.append(event.text)
-                else:
-                    finished = event
-            assert finished is not None
-            return JSONResponse({"text": "".join(text), "finish_reason": finished.finish_reason,
-                                 "usage": finished.usage, "model": self.settings.model_name})
-        except errors.APIError as exc:
-            return exc.response()
+                finished = event
+        assert finished is not None
+        return JSONResponse({"text": "".join(text), "finish_reason": finished.finish_reason,
+                             "usage": finished.usage, "model": self.settings.model_name})
+
+
+async def _answer(handler) -> Response:
+    """Run a route; any error becomes its JSON error response, and the server keeps serving."""
+    try:
+        return await handler
+    except errors.APIError as exc:
+        return exc.response()
+    except Exception as exc:
+        logger.exception("request failed")
+        return errors.internal(f"{type(exc).__name__}: {exc}").response()
 
 
 async def _first_event(events: AsyncIterator[TextDelta | Finished]) -> TextDelta | Finished:
