@@ -118,10 +118,10 @@ def test_bad_requests_get_a_400_that_says_why_and_the_server_keeps_serving(stack
 
 
 def test_over_long_prompt_gets_a_400_with_both_numbers(stack):
-    resp = predict(stack, {"prompt": "word " * 2000, "max_tokens": 8})
+    resp = predict(stack, {"prompt": "word " * 5000, "max_tokens": 8})
     assert resp.status_code == 400
     message = resp.json()["error"]["message"]
-    assert "512" in message and "context" in message
+    assert "2048" in message and "context" in message
     resp = predict(stack, {"prompt": "short", "max_tokens": 100000})
     assert resp.status_code == 400
     assert "100000" in resp.json()["error"]["message"]
