@@ -40,9 +40,10 @@ class Stack:
 
 @pytest.fixture(scope="session")
 def stack(tiny_model_dir, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("stack") / "truss-server.log"
+    build_dir = tmp_path_factory.mktemp("stack")
+    log_path = build_dir / "truss-server.log"
     metrics_port = free_port()
-    server = DevServer(port=free_port(), log_path=log_path, env={
+    server = DevServer(port=free_port(), log_path=log_path, build_dir=build_dir, env={
         "GEMMA_SERVE_MODEL": str(tiny_model_dir),
         "GEMMA_SERVE_DEVICE": "cpu",
         # Room for the seed's curl example (max_tokens 1024).
