@@ -1,0 +1,156 @@
+"""`AsyncEngine`: the engine loop in one background thread, requests as async iterators.
+
+Requests and aborts from any thread or event loop go through a command queue that the engine thread
+drains between steps, so the engine's state is only ever touched by its own thread. Deltas go back
+to each request's event loop with `call_soon_threadsafe`. Leaving an iterator early (break, task
+cancelled, aclose) aborts the request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from gemma_serve.engine.config import EngineConfig
+from gemma_serve.engine.llm_engine import LLMEngine
+from gemma_serve.engine.outputs import EngineOverloadedError, EngineStats, RequestOutput
+from gemma_serve.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    sink: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._sinks: dict[str, _Request] = {}
+        self._lock = threading.Lock()
+        self._pending_adds = 0
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
+        return cls(LLMEngine(config))
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gemma-engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+                    ) -> AsyncIterator[RequestOutput]:
+        """Validate now (raises RequestRejectedError / EngineOverloadedError), then stream deltas."""
+        self.engine.check_request(prompt_token_ids, params)
+        with self._lock:
+            if len(self.engine.scheduler.waiting) + self._pending_adds >= self.engine.config.max_queue_len:
+                raise EngineOverloadedError("the engine's waiting queue is full")
+            if request_id in self._sinks:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            request = _Request(request_id, list(prompt_token_ids), params, asyncio.get_running_loop(), asyncio.Queue())
+            self._sinks[request_id] = request
+            self._pending_adds += 1
+        self._commands.put(("add", request))
+        self._wake.set()
+        return self._stream(request)
+
+    async def _stream(self, request: _Request) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while True:
+                item = await request.sink.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe and idempotent."""
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def _deliver(self, request: _Request, item) -> None:
+        try:
+            request.loop.call_soon_threadsafe(request.sink.put_nowait, item)
+        except RuntimeError:  # that event loop is closed: nobody is listening any more
+            self._commands.put(("abort", request.request_id))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                with self._lock:
+                    self._pending_adds -= 1
+                try:
+                    self.engine.add_request(payload.request_id, payload.prompt_token_ids, payload.params)
+                except Exception as exc:
+                    with self._lock:
+                        self._sinks.pop(payload.request_id, None)
+                    self._deliver(payload, exc)
+            else:
+                self.engine.abort(payload)
+                with self._lock:
+                    self._sinks.pop(payload, None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:
+                logger.exception("engine step failed; failing every request in flight")
+                self._fail_all(exc)
+                continue
+            for out in outputs:
+                with self._lock:
+                    request = self._sinks.get(out.request_id)
+                    if request is not None and out.finished:
+                        del self._sinks[out.request_id]
+                if request is not None:
+                    self._deliver(request, out)
+        self._fail_all(RuntimeError("the engine was shut down"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            requests = list(self._sinks.values())
+            self._sinks.clear()
+        for request in requests:
+            self.engine.abort(request.request_id)
+            self._deliver(request, exc)

@@ -1,0 +1,128 @@
+"""`LLMEngine`: schedule, run, post-process, repeat. Synchronous; `AsyncEngine` drives it from a thread."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import torch
+
+from gemma_serve.engine.block_manager import BlockManager
+from gemma_serve.engine.config import EngineConfig
+from gemma_serve.engine.model_runner import ModelRunner
+from gemma_serve.engine.outputs import EngineStats, RequestOutput
+from gemma_serve.engine.sampling_params import SamplingParams
+from gemma_serve.engine.scheduler import ScheduledChunk, Scheduler
+from gemma_serve.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.runner = ModelRunner(config)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.runner.max_model_len, config.max_queue_len)
+        self.sequences: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.scheduler.check(len(prompt_token_ids), params.max_tokens)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt_token_ids, params)
+        vocab = self.runner.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            from gemma_serve.engine.outputs import RequestRejectedError
+
+            raise RequestRejectedError(f"prompt token ids must be in [0, {vocab})")
+        seq = Sequence(request_id, prompt_token_ids, params, next(self._arrivals))
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.runner.device)
+            seq.generator.manual_seed(params.seed)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Free everything the request holds. Returns False if it was not (or no longer) known."""
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        result = self.runner.run(chunks)
+        return self._postprocess(chunks, result)
+
+    def _postprocess(self, chunks: list[ScheduledChunk], result) -> list[RequestOutput]:
+        outputs = []
+        sampled = iter(zip(result.token_ids, result.logprobs or itertools.repeat(None)) if result else [])
+        for chunk in chunks:
+            seq = chunk.seq
+            seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.block_manager.register_computed(seq)
+            if not chunk.samples:
+                continue
+            token, logprob = next(sampled)
+            seq.token_ids.append(token)
+            if seq.params.logprobs:
+                seq.output_logprobs.append(logprob)
+            reason = self._stop_reason(seq)
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self.sequences.pop(seq.request_id, None)
+            outputs.append(self._delta(seq))
+        return outputs
+
+    def _stop_reason(self, seq: Sequence) -> str | None:
+        p = seq.params
+        out = seq.output_token_ids
+        if len(out) >= p.min_tokens:
+            if out[-1] in p.stop_token_ids:
+                return "stop"
+            for stop in p.stop_token_sequences:
+                if len(out) >= len(stop) and tuple(out[-len(stop):]) == tuple(stop):
+                    return "stop"
+        if len(out) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _delta(self, seq: Sequence) -> RequestOutput:
+        new = seq.output_token_ids[seq.num_emitted:]
+        logprobs = seq.output_logprobs[seq.num_emitted:] if seq.params.logprobs else None
+        seq.num_emitted = seq.num_output_tokens
+        return RequestOutput(seq.request_id, new, seq.is_finished, seq.finish_reason, seq.num_prompt_tokens,
+                             seq.num_output_tokens, logprobs)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                           num_free_blocks=self.block_manager.num_free_blocks,
+                           num_total_blocks=self.block_manager.num_blocks,
+                           extra={"num_preemptions": self.scheduler.num_preemptions})
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion (tests, benchmarks). Returns each prompt's output token ids."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"generate-{next(self._arrivals)}" for _ in prompts]
+        outputs: dict[str, list[int]] = {i: [] for i in ids}
+        for rid, prompt, p in zip(ids, prompts, params_list):
+            self.add_request(rid, prompt, p)
+        while self.has_unfinished():
+            for out in self.step():
+                outputs[out.request_id].extend(out.new_token_ids)
+        return [outputs[i] for i in ids]

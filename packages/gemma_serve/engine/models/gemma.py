@@ -1,0 +1,139 @@
+"""Gemma 1, 2 and 3 text decoders, written once.
+
+What differs between generations is data in `ModelConfig`: sandwich norms around attention and MLP
+(2, 3), QK-norm (3), attention and final logit soft-capping (2), sliding-window layers with their own
+RoPE base (2, 3), linear RoPE scaling of global layers (3). Plain `nn.Linear` layers, so the
+quantization module can swap them without the model knowing.
+
+The forward takes a flattened batch: all sequences' new tokens concatenated, with their positions
+and the paged-attention metadata, and returns logits only for the rows that will be sampled.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gemma_serve.engine.attention import AttentionMetadata, paged_attention, write_kv
+from gemma_serve.engine.model_config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: computed in float32, scaled by (1 + weight)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class RotaryTable(nn.Module):
+    """cos/sin for every position up to `max_positions` (rotate-half layout, as Hugging Face)."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: float, max_positions: int) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        inv_freq = inv_freq / scaling
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, D]; cos/sin: [T, D] in float32."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return x * cos + rotated * sin
+
+
+class GemmaLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.sliding = cfg.sliding[index]
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, h, bias=False)
+        self.gate_up_proj = nn.Linear(h, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        # Gemma 1 calls its pre-MLP norm post_attention_layernorm; Gemma 2/3 use that name for the
+        # norm after attention and add pre/post feed-forward norms.
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+            self.post_feedforward_layernorm = RMSNorm(h, cfg.rms_norm_eps)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.scale = cfg.query_pre_attn_scalar ** -0.5
+        self.window = cfg.sliding_window if self.sliding else None
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        cfg = self.cfg
+        tokens = hidden.shape[0]
+        residual = hidden
+        qkv = self.qkv_proj(self.input_layernorm(hidden))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(tokens, cfg.num_heads, cfg.head_dim)
+        k = k.view(tokens, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(tokens, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        attn = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window, cfg.attn_logit_softcapping)
+        attn = self.o_proj(attn.reshape(tokens, self.q_size))
+        if cfg.sandwich_norms:
+            attn = self.post_attention_layernorm(attn)
+            pre_mlp = self.pre_feedforward_layernorm
+        else:
+            pre_mlp = self.post_attention_layernorm
+        hidden = residual + attn
+        gate, up = self.gate_up_proj(pre_mlp(hidden)).chunk(2, dim=-1)
+        mlp = self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        if cfg.sandwich_norms:
+            mlp = self.post_feedforward_layernorm(mlp)
+        return hidden + mlp
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(GemmaLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rope_global = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, max_positions)
+        self.rope_local = RotaryTable(cfg.head_dim, cfg.rope_local_theta, 1.0, max_positions)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
+        """Returns float32 logits [len(logits_indices), vocab]."""
+        weight = self.embed_tokens.weight
+        # Embeddings are scaled by sqrt(hidden), the scale rounded to the weights' dtype as in training.
+        hidden = self.embed_tokens(input_ids) * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=weight.dtype)
+        cos_g, sin_g = self.rope_global(positions)
+        cos_l, sin_l = self.rope_local(positions)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            cos, sin = (cos_l, sin_l) if layer.sliding else (cos_g, sin_g)
+            hidden = layer(hidden, cos, sin, k_cache, v_cache, meta)
+        hidden = self.norm(hidden[logits_indices])
+        logits = F.linear(hidden, weight).float()  # tied output embedding
+        if self.cfg.final_logit_softcapping is not None:
+            cap = self.cfg.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits

@@ -1,0 +1,103 @@
+"""Sampling for a whole batch of rows, on the logits' device.
+
+Order: penalties -> bans (bad words, stop tokens before min_tokens) -> log-probs -> greedy or
+temperature / top-k / top-p -> draw. A seeded request draws from its own generator, so its output
+does not depend on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gemma_serve.engine.sequence import Sequence
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float] | None  # log-probability of each sampled token, when any row asked
+
+
+def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0
+            or s.params.presence_penalty != 0.0 or s.params.frequency_penalty != 0.0]
+    for i in rows:
+        p = seqs[i].params
+        row = logits[i]
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seqs[i].token_ids)), device=logits.device, dtype=torch.long)
+            vals = row[seen]
+            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        out = seqs[i].output_token_ids
+        if out and (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
+            counts = torch.bincount(torch.tensor(out, device=logits.device), minlength=row.shape[0]).to(row.dtype)
+            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _ban(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        banned: list[int] = []
+        if seq.num_output_tokens < p.min_tokens:
+            banned.extend(p.stop_token_ids)
+            banned.extend(s[-1] for s in p.stop_token_sequences if len(s) == 1)
+        out = seq.output_token_ids
+        for bad in p.bad_token_sequences:
+            prefix = list(bad[:-1])
+            if not prefix or out[len(out) - len(prefix):] == prefix:
+                banned.append(bad[-1])
+        if banned:
+            logits[i, torch.tensor(banned, device=logits.device)] = float("-inf")
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask everything outside each row's top-k and top-p nucleus (k = 0 and p = 1 disable)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab)).clamp(max=vocab)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    mask = ranks >= k[:, None]
+    probs = torch.softmax(sorted_logits.masked_fill(mask, float("-inf")), dim=-1)
+    # Keep a token while the mass before it is below p (the most likely token always stays).
+    mass_before = probs.cumsum(dim=-1) - probs
+    mask |= mass_before >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(mask, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+    """logits: [rows, vocab] float32, one row per sequence. Modified in place."""
+    _penalize(logits, seqs)
+    _ban(logits, seqs)
+    device = logits.device
+    greedy = torch.tensor([s.params.greedy for s in seqs], device=device)
+    temps = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in seqs], device=device)
+    logits = logits / temps[:, None]
+    want_logprobs = any(s.params.logprobs for s in seqs)
+    logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+
+    chosen = logits.argmax(dim=-1)
+    sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if sampled_rows:
+        idx = torch.tensor(sampled_rows, device=device)
+        top_k = torch.tensor([seqs[i].params.top_k for i in sampled_rows], device=device)
+        top_p = torch.tensor([seqs[i].params.top_p for i in sampled_rows], device=device, dtype=torch.float32)
+        probs = torch.softmax(_top_k_top_p(logits[idx], top_k, top_p), dim=-1)
+        draws = torch.empty(len(sampled_rows), dtype=torch.long, device=device)
+        unseeded = [j for j, i in enumerate(sampled_rows) if seqs[i].generator is None]
+        if unseeded:
+            u = torch.tensor(unseeded, device=device)
+            draws[u] = torch.multinomial(probs[u], 1).squeeze(-1)
+        for j, i in enumerate(sampled_rows):
+            generator = seqs[i].generator
+            if generator is not None:
+                draws[j] = torch.multinomial(probs[j], 1, generator=generator)[0]
+        chosen[idx] = draws
+    del greedy
+    token_ids = chosen.tolist()
+    logprobs = None
+    if logprobs_all is not None:
+        logprobs = logprobs_all.gather(1, chosen[:, None]).squeeze(-1).tolist()
+    return SampleResult(token_ids, logprobs)

@@ -1,0 +1,118 @@
+"""`Scheduler`: decides what runs in each engine step. Memory belongs to the block manager.
+
+Each step serves every running sequence (a decode token, or the next chunk of its prefill) and then
+admits waiting sequences in arrival order, all under one token budget. When the cache runs out of
+blocks, the latest-admitted running sequence is preempted: its blocks are freed and it waits to be
+recomputed, instead of any request failing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from gemma_serve.engine.block_manager import BlockManager
+from gemma_serve.engine.outputs import EngineOverloadedError, RequestRejectedError
+from gemma_serve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first token position computed in this step
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """This chunk reaches the end of the sequence, so its last row yields the next token."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, max_queue_len: int) -> None:
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.max_queue_len = max_queue_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def check(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse what can never run (RequestRejectedError) or cannot queue now (EngineOverloadedError)."""
+        if num_prompt_tokens < 1:
+            raise RequestRejectedError("the prompt is empty")
+        total = num_prompt_tokens + max_tokens
+        if total > self.max_model_len:
+            raise RequestRejectedError(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds the "
+                f"engine's max_model_len of {self.max_model_len}")
+        capacity = self.blocks.num_blocks * self.blocks.block_size
+        if total > capacity:
+            raise RequestRejectedError(f"the request needs {total} tokens of KV cache; the whole cache holds {capacity}")
+        if len(self.waiting) >= self.max_queue_len:
+            raise EngineOverloadedError(f"{len(self.waiting)} requests are already waiting (max_queue_len)")
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        # Running sequences first: decodes (1 token) and prefills in progress.
+        i = 0
+        preempted = False
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.blocks.can_grow(seq, seq.num_computed_tokens + n):
+                # Only sequences not yet scheduled in this step may give their blocks back.
+                victim = max(self.running[i:], key=lambda s: s.arrival)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # preempted itself; the list shifted
+            self.blocks.grow(seq, seq.num_computed_tokens + n)
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+            i += 1
+        # Then admit waiting sequences in arrival order while budget, slots and blocks allow.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            budget -= n
+        return chunks
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free the sequence's blocks and queue it first, to be recomputed (prompt + output so far)."""
+        self.running.remove(seq)
+        self.blocks.free_blocks(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        else:
+            try:
+                self.waiting.remove(seq)
+            except ValueError:
+                pass
+        self.blocks.free_blocks(seq)
