@@ -1,0 +1,138 @@
+"""Continuous batching: batch invariance, no leaked blocks, prefix caching, preemption, limits."""
+
+import random
+
+import pytest
+import torch
+
+from gemma_serve.engine.outputs import EngineOverloadedError, RequestRejectedError
+from gemma_serve.engine.sampling_params import SamplingParams
+
+from .conftest import engine_for
+
+GREEDY = dict(temperature=0.0)
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    return torch.randint(5, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run_staggered(engine, requests: dict[str, tuple[list[int], SamplingParams]], join_at: dict[str, int]):
+    """Add each request at its step; run until all finish. Returns outputs and, per step, the running set."""
+    outputs = {rid: [] for rid in requests}
+    step, steps_running = 0, []
+    while True:
+        for rid, at in join_at.items():
+            if at == step:
+                engine.add_request(rid, *requests[rid])
+        if not engine.has_unfinished() and all(at <= step for at in join_at.values()):
+            break
+        for out in engine.step():
+            outputs[out.request_id].extend(out.new_token_ids)
+        steps_running.append(len(engine.scheduler.running))
+        step += 1
+    return outputs, steps_running
+
+
+@pytest.mark.parametrize("generation", ["gemma2", "gemma3"])
+def test_greedy_output_is_the_same_alone_and_among_seven_others(checkpoints, generation):
+    folder, _ = checkpoints[generation]
+    target = (prompt(0, 23), SamplingParams(max_tokens=24, **GREEDY))
+    alone = engine_for(folder).generate([target[0]], target[1])[0]
+
+    engine = engine_for(folder, max_num_batched_tokens=32)
+    rng = random.Random(0)
+    requests = {"target": target}
+    join_at = {"target": 3}
+    for i in range(7):
+        requests[f"other{i}"] = (prompt(100 + i, rng.randint(3, 40)),
+                                 SamplingParams(max_tokens=rng.randint(2, 30), temperature=rng.choice([0.0, 0.8]),
+                                                seed=i))
+        join_at[f"other{i}"] = rng.randint(0, 12)
+    outputs, running = run_staggered(engine, requests, join_at)
+    assert outputs["target"] == alone
+    assert max(running) >= 4, "the requests never actually shared a step"
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_no_block_leaks_after_finish_and_abort_at_every_stage(checkpoints):
+    folder, _ = checkpoints["gemma3"]
+    engine = engine_for(folder, max_num_batched_tokens=8)
+    bm = engine.block_manager
+    engine.add_request("mid-prefill", prompt(1, 30), SamplingParams(max_tokens=10))
+    engine.add_request("mid-decode", prompt(2, 5), SamplingParams(max_tokens=50))
+    engine.add_request("waiting", prompt(3, 5), SamplingParams(max_tokens=5))
+    engine.add_request("finishes", prompt(4, 3), SamplingParams(max_tokens=2))
+    engine.step()
+    assert engine.sequences["mid-prefill"].num_computed_tokens < 30  # still prefilling
+    assert engine.abort("mid-prefill")
+    for _ in range(6):
+        engine.step()
+    assert engine.sequences["mid-decode"].num_output_tokens > 0
+    assert engine.abort("mid-decode")
+    assert engine.abort("waiting") or True
+    while engine.has_unfinished():
+        engine.step()
+    assert not engine.abort("finishes")  # already finished: abort is a no-op
+    assert bm.num_free_blocks == bm.num_blocks
+    assert all(c == 0 for c in bm.ref_counts)
+
+
+def test_prefix_cache_reuses_blocks_and_gives_identical_output(checkpoints):
+    folder, _ = checkpoints["gemma3"]
+    engine = engine_for(folder)
+    shared = prompt(5, 40)
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    first = engine.generate([shared + [7, 8]], params)[0]
+    engine.add_request("again", shared + [7, 8], params)
+    seq = engine.sequences["again"]
+    engine.step()
+    assert seq.num_cached_tokens >= 36  # 9 of the 10 full 4-token blocks of the shared prefix
+    out = list(seq.output_token_ids)
+    while engine.has_unfinished():
+        for o in engine.step():
+            out = list(seq.output_token_ids)
+    assert out == first
+    cold = engine_for(folder, enable_prefix_caching=False).generate([shared + [7, 8]], params)[0]
+    assert cold == first
+
+
+def test_preemption_when_blocks_run_out_keeps_outputs_identical(checkpoints):
+    folder, _ = checkpoints["gemma3"]
+    prompts = [prompt(10 + i, 12) for i in range(6)]
+    params = [SamplingParams(max_tokens=30, temperature=0.0) if i % 2 else SamplingParams(max_tokens=30, temperature=1.0, seed=i)
+              for i in range(6)]
+    roomy = engine_for(folder).generate(prompts, params)
+    tight = engine_for(folder, num_kv_blocks=30)  # 6 x 42 tokens need 66 blocks: preemption is forced
+    assert tight.generate(prompts, params) == roomy
+    assert tight.scheduler.num_preemptions > 0
+    assert tight.block_manager.num_free_blocks == 30
+
+
+def test_token_budget_is_respected_every_step(checkpoints):
+    folder, _ = checkpoints["gemma1"]
+    engine = engine_for(folder, max_num_batched_tokens=10, max_num_seqs=4)
+    for i in range(6):
+        engine.add_request(f"r{i}", prompt(20 + i, 17), SamplingParams(max_tokens=5))
+    while engine.has_unfinished():
+        chunks = engine.scheduler.schedule()
+        assert sum(c.num_tokens for c in chunks) <= 10
+        assert len(engine.scheduler.running) <= 4
+        engine._postprocess(chunks, engine.runner.run(chunks))
+
+
+def test_limits_reject_or_refuse_with_clear_errors(checkpoints):
+    folder, _ = checkpoints["gemma1"]
+    engine = engine_for(folder, max_model_len=64, max_queue_len=2)
+    with pytest.raises(RequestRejectedError, match="60.*10.*70.*64"):
+        engine.add_request("long", prompt(1, 60), SamplingParams(max_tokens=10))
+    with pytest.raises(RequestRejectedError, match="empty"):
+        engine.add_request("empty", [], SamplingParams(max_tokens=1))
+    with pytest.raises(RequestRejectedError, match="token ids"):
+        engine.add_request("oov", [5, 100000], SamplingParams(max_tokens=1))
+    engine.add_request("a", prompt(1, 4), SamplingParams(max_tokens=1))
+    engine.add_request("b", prompt(2, 4), SamplingParams(max_tokens=1))
+    with pytest.raises(EngineOverloadedError):
+        engine.add_request("c", prompt(3, 4), SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("a", prompt(1, 4), SamplingParams(max_tokens=1))
