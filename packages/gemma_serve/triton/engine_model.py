@@ -170,6 +170,8 @@ class TritonPythonModel:
                     return
             # The engine ended the stream without a finished output (e.g. aborted at shutdown).
             self._error(sender, "internal", "the engine ended the request early")
+        except RequestRejectedError as exc:
+            self._error(sender, "invalid_request", str(exc))
         except Exception as exc:
             logger.exception("request %s failed", engine_id)
             if not sender.is_cancelled():
