@@ -4,11 +4,11 @@
 takes the raw request (so JSON errors get our error body, not the server's) and returns a response.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: truss inspects the `Request` annotation objects to
+# decide that these methods take the raw request (and parse the body themselves).
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -30,10 +30,11 @@ class Model:
             self._hf_token = None
         # Outside Baseten (make serve, truss image build on your GPUs) the usual variable works too.
         self._hf_token = self._hf_token or os.environ.get("HF_TOKEN") or None
-        self._service: GemmaService | None = None
+        self._data_dir = kwargs.get("data_dir")
+        self._service: Optional[GemmaService] = None
 
     def load(self) -> None:
-        self._service = GemmaService.start(self._settings, self._hf_token)
+        self._service = GemmaService.start(self._settings, self._hf_token, self._data_dir)
 
     async def predict(self, request: Request) -> Response:
         return await self._service.predict(request)

@@ -26,12 +26,10 @@ from gemma_serve.api.schemas import Message, PredictRequest
 from gemma_serve.api.tokenizer import Tokenizer
 from gemma_serve.settings import ServingSettings
 from gemma_serve.triton.client import TritonClient
-from gemma_serve.triton.repository import PORTABLE_MODEL, render_portable_repository
+from gemma_serve.triton.repository import DEFAULT_DATA_DIR, PORTABLE_MODEL, render_portable_repository
 from gemma_serve.triton.server import TritonServer
 
 logger = logging.getLogger(__name__)
-
-PACKAGES_DIR = Path(__file__).resolve().parents[2]
 
 
 async def read_json(request: Request) -> Any:
@@ -84,14 +82,17 @@ class GemmaService:
                                    lambda messages: tokenizer.encode_chat(messages_for_template(messages)))
 
     @classmethod
-    def start(cls, settings: ServingSettings, hf_token: str | None = None) -> "GemmaService":
+    def start(cls, settings: ServingSettings, hf_token: str | None = None, data_dir: Path | None = None
+              ) -> "GemmaService":
         """Load the tokenizer, render the model repository, start tritonserver and wait for the model."""
         if settings.engine != "portable":
             raise NotImplementedError(f"engine '{settings.engine}' is not available in this build")
         tokenizer = Tokenizer.load(settings.tokenizer_path, hf_token, settings.revision, settings.max_model_len)
         workdir = Path(settings.workdir) if settings.workdir else Path(tempfile.mkdtemp(prefix="gemma-serve-"))
-        repository = render_portable_repository(settings, workdir / "model_repository")
-        env = {"PYTHONPATH": str(PACKAGES_DIR), "HF_TOKEN": hf_token or ""}
+        # Truss hands the model its data_dir (/app/data in the image); the repository's data/ otherwise.
+        repository = render_portable_repository(settings, workdir / "model_repository",
+                                                data_dir=Path(data_dir) if data_dir else DEFAULT_DATA_DIR)
+        env = {"HF_TOKEN": hf_token or ""}
         server = TritonServer(
             repository, workdir,
             grpc_port=settings.triton_grpc_port, http_port=settings.triton_http_port,

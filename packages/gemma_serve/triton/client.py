@@ -51,8 +51,16 @@ class TritonClient:
     def __init__(self, url: str, model_name: str) -> None:
         self.url = url
         self.model_name = model_name
-        self._client = grpcclient.InferenceServerClient(url)
+        self._channel: grpcclient.InferenceServerClient | None = None
         self._outputs = [InferRequestedOutput(spec.name) for spec in contract.OUTPUTS]
+
+    @property
+    def _client(self) -> grpcclient.InferenceServerClient:
+        # Created on first use: a gRPC aio channel belongs to the event loop that creates it, which
+        # must be the serving loop, not the thread where Truss runs load().
+        if self._channel is None:
+            self._channel = grpcclient.InferenceServerClient(self.url)
+        return self._channel
 
     async def is_ready(self) -> bool:
         try:
@@ -113,5 +121,7 @@ class TritonClient:
                 call.cancel()
 
     async def close(self) -> None:
-        await self._client.close()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
 

@@ -1,7 +1,7 @@
 """The portable engine as a decoupled Triton Python-backend model.
 
-Runs inside Triton's Python backend stub process (the model repository's `model.py` re-exports
-`TritonPythonModel` from here). It speaks the same tensor contract as TensorRT-LLM's `tensorrt_llm`
+Runs inside Triton's Python backend stub process (the model repository's `model.py` delegates to
+`EngineModel` here). It speaks the same tensor contract as TensorRT-LLM's `tensorrt_llm`
 model: token ids in, streamed token ids out. Errors are sent on the request's stream with a tag
 (`[invalid_request]`, `[overloaded]`, `[internal]`) that `TritonClient` turns into typed exceptions.
 """
@@ -51,8 +51,9 @@ def sampling_params(request: GenerationRequest) -> SamplingParams:
     )
 
 
-class TritonPythonModel:
-    """Triton calls initialize() once, execute() for each batch of new requests, finalize() at unload."""
+class EngineModel:
+    """Triton calls initialize() once, execute() for each batch of new requests, finalize() at unload
+    (through the thin `model.py` of the model repository)."""
 
     def initialize(self, args: dict) -> None:
         import triton_python_backend_utils as pb_utils
@@ -78,14 +79,19 @@ class TritonPythonModel:
         gauge = pb.MetricFamily.GAUGE
         counter = pb.MetricFamily.COUNTER
         labels = {"model": "gemma_portable"}
-        self._gauges = {
-            "num_running": pb.MetricFamily("gemma_engine_running_requests", "Requests being decoded", gauge).Metric(labels),
-            "num_waiting": pb.MetricFamily("gemma_engine_waiting_requests", "Requests waiting for a slot", gauge).Metric(labels),
-            "num_free_blocks": pb.MetricFamily("gemma_engine_kv_blocks_free", "Free KV-cache blocks", gauge).Metric(labels),
-            "num_total_blocks": pb.MetricFamily("gemma_engine_kv_blocks_total", "KV-cache blocks", gauge).Metric(labels),
+        # Families must outlive their metrics (Triton refuses updates to a metric whose family is gone).
+        self._families = {
+            "num_running": pb.MetricFamily("gemma_engine_running_requests", "Requests being decoded", gauge),
+            "num_waiting": pb.MetricFamily("gemma_engine_waiting_requests", "Requests waiting for a slot", gauge),
+            "num_free_blocks": pb.MetricFamily("gemma_engine_kv_blocks_free", "Free KV-cache blocks", gauge),
+            "num_total_blocks": pb.MetricFamily("gemma_engine_kv_blocks_total", "KV-cache blocks", gauge),
+            "finished": pb.MetricFamily("gemma_engine_requests_finished_total", "Finished requests", counter),
+            "tokens": pb.MetricFamily("gemma_engine_generated_tokens_total", "Generated tokens", counter),
         }
-        self._finished = pb.MetricFamily("gemma_engine_requests_finished_total", "Finished requests", counter).Metric(labels)
-        self._tokens = pb.MetricFamily("gemma_engine_generated_tokens_total", "Generated tokens", counter).Metric(labels)
+        metrics = {name: family.Metric(labels) for name, family in self._families.items()}
+        self._finished = metrics.pop("finished")
+        self._tokens = metrics.pop("tokens")
+        self._gauges = metrics
         self._stop_metrics = threading.Event()
         self._metrics_thread = threading.Thread(target=self._publish_metrics, name="engine-metrics", daemon=True)
         self._metrics_thread.start()

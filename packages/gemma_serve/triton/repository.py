@@ -21,6 +21,8 @@ PORTABLE_MODEL = "gemma_portable"
 
 # data/ at the repository root; in a Truss image it sits at the Truss's data_dir.
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "data"
+# The folder that holds the gemma_serve package (packages/ here, /packages in a Truss image).
+PACKAGES_DIR = Path(__file__).resolve().parents[2]
 
 
 def engine_config(settings: ServingSettings) -> EngineConfig:
@@ -62,6 +64,7 @@ def render_portable_config(settings: ServingSettings, data_dir: Path = DEFAULT_D
         outputs=contract.OUTPUTS,
         # A JSON string inside a protobuf text string: JSON's escaping is valid protobuf escaping.
         engine_config_json=json.dumps(json.dumps(config)),
+        python_path=str(PACKAGES_DIR),
     )
 
 
