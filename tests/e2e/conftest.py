@@ -50,7 +50,7 @@ def stack(tiny_model_dir, tmp_path_factory):
         "GEMMA_SERVE_MAX_MODEL_LEN": "2048",
         # Small enough that a burst overflows the queue (503 test), large enough for 16 concurrent.
         "GEMMA_SERVE_MAX_NUM_SEQS": "8",
-        "GEMMA_SERVE_MAX_QUEUE_LEN": "12",
+        "GEMMA_SERVE_MAX_QUEUE_LEN": "24",
         "GEMMA_SERVE_TRITON_GRPC_PORT": "0",
         "GEMMA_SERVE_TRITON_HTTP_PORT": "0",
         "GEMMA_SERVE_TRITON_METRICS_PORT": str(metrics_port),

@@ -61,7 +61,9 @@ def _processes_matching(needle: str) -> list[int]:
 def test_serve_answers_predict_and_ctrl_c_stops_everything(tiny_model_dir, tmp_path):
     port = free_port()
     env = {**os.environ, "GEMMA_SERVE_TRITON_GRPC_PORT": "0", "GEMMA_SERVE_TRITON_HTTP_PORT": "0",
-           "GEMMA_SERVE_TRITON_METRICS_PORT": "0", "GEMMA_SERVE_DEVICE": "cpu"}
+           "GEMMA_SERVE_TRITON_METRICS_PORT": "0", "GEMMA_SERVE_DEVICE": "cpu",
+           # `make install` installs the package; keep the test independent of that step.
+           "PYTHONPATH": os.pathsep.join([str(REPO / "packages"), os.environ.get("PYTHONPATH", "")])}
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "gemma_serve", "serve", "--port", str(port),
                              "--model", str(tiny_model_dir)], cwd=REPO, env=env, stdout=log,

@@ -121,6 +121,9 @@ class EngineModel:
         sender.send(self.pb.InferenceResponse(output_tensors=tensors), flags=flags)
 
     async def _serve(self, request) -> None:
+        """One request, start to end. After the final response the sender is gone: Triton frees it,
+        and touching it again (even `is_cancelled()`) crashes the server, so every path sends exactly
+        one final response and then leaves the sender alone."""
         sender = request.get_response_sender()
         engine_id = f"{request.request_id() or 'req'}-{uuid.uuid4().hex[:12]}"
         try:
@@ -144,6 +147,7 @@ class EngineModel:
         pending_logprobs: list[float] = []
         iterator = stream.__aiter__()
         next_output: asyncio.Future | None = None
+        final_sent = False
         try:
             while True:
                 if next_output is None:
@@ -169,18 +173,21 @@ class EngineModel:
                 if gen.streaming or output.finished:
                     chunk = TokenChunk(pending_ids, prompt_len + output.num_output_tokens,
                                        pending_logprobs if gen.logprobs else None)
+                    final_sent = output.finished
                     self._send(sender, chunk, final=output.finished)
                     pending_ids, pending_logprobs = [], []
                 if output.finished:
                     self._finished.increment(1)
                     return
-            # The engine ended the stream without a finished output (e.g. aborted at shutdown).
+            final_sent = True
             self._error(sender, "internal", "the engine ended the request early")
         except RequestRejectedError as exc:
+            final_sent = True
             self._error(sender, "invalid_request", str(exc))
         except Exception as exc:
             logger.exception("request %s failed", engine_id)
-            if not sender.is_cancelled():
+            if not final_sent:
+                final_sent = True
                 self._error(sender, "internal", f"{type(exc).__name__}: {exc}")
         finally:
             if next_output is not None and not next_output.done():
@@ -190,7 +197,7 @@ class EngineModel:
             if close is not None:
                 await close()
             self.engine.abort(engine_id)
-            if sender.is_cancelled():
+            if not final_sent:  # cancelled: close the stream on Triton's side
                 try:
                     sender.send(flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 except Exception:
