@@ -22,6 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
         from gemma_serve.tiny_model import make_tiny_gemma
 
         model = str(make_tiny_gemma(TINY_MODEL_DIR))
+        env.setdefault("GEMMA_SERVE_SERVED_MODEL_NAME", "tiny-gemma")
         logging.info("no model configured: serving the tiny random Gemma at %s (its text is gibberish)", model)
     env["GEMMA_SERVE_MODEL"] = model
     if args.device:

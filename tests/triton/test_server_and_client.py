@@ -135,3 +135,16 @@ def test_server_not_ready_in_time_is_stopped(tmp_path):
     with pytest.raises(TritonServerError, match="not ready after 4 s"):
         server.start()
     assert not server.alive
+
+
+def test_a_server_left_by_an_earlier_start_in_the_same_workdir_is_stopped(tmp_path):
+    first = _server(tmp_path)
+    first.start()
+    orphan = first._process.pid
+    first._process = None  # as if the process that started it had lost track of it (a retried load)
+    second = _server(tmp_path)
+    second.start()
+    try:
+        assert not _pid_alive(orphan) and second.ready
+    finally:
+        second.stop()

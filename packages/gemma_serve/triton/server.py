@@ -147,10 +147,26 @@ class TritonServer:
             cmd.append(f"--backend-directory={installation.backend_directory}")
         return cmd
 
+    def _reap_stale(self) -> None:
+        """A server recorded in this workdir by an earlier attempt (Truss retries a failed load())."""
+        try:
+            pid = int(self.pid_path.read_text())
+        except (OSError, ValueError):
+            return
+        logger.warning("stopping a tritonserver (pid %d) left by an earlier start in %s", pid, self.workdir)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(1)
+        self.pid_path.unlink(missing_ok=True)
+
     def start(self, wait: bool = True) -> None:
         if self.alive:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._reap_stale()
         installation = find_triton(self.workdir)
         env = {**os.environ, **installation.env, **self.extra_env}
         cmd = self.command(installation)
