@@ -1,12 +1,13 @@
 """Tiny random Gemma 1/2/3 checkpoints made with transformers, so the engine is checked against the
 reference implementation on the same weights."""
 
+import os
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3Config, Gemma3TextConfig, GemmaConfig
-
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.llm_engine import LLMEngine
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3Config, Gemma3TextConfig, GemmaConfig
 
 COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, head_dim=16, max_position_embeddings=512, eos_token_id=1, pad_token_id=0)
@@ -68,8 +69,17 @@ def checkpoints(tmp_path_factory):
     return out
 
 
+def prompt(seed: int, length: int) -> list[int]:
+    """Random prompt token ids below the special ids of the tiny vocabulary."""
+    return torch.randint(5, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# The suite runs on CPU; GEMMA_ENGINE_TEST_DEVICE=cuda runs the same checks on a GPU (float32).
+DEVICE = os.environ.get("GEMMA_ENGINE_TEST_DEVICE", "cpu")
+
+
 def engine_for(folder, **overrides) -> LLMEngine:
-    config = dict(model=str(folder), device="cpu", dtype="float32", block_size=4, num_kv_blocks=512,
+    config = dict(model=str(folder), device=DEVICE, dtype="float32", block_size=4, num_kv_blocks=512,
                   max_num_batched_tokens=64, max_num_seqs=16)
     config.update(overrides)
     return LLMEngine(EngineConfig(**config))

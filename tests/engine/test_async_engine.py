@@ -3,13 +3,11 @@
 import asyncio
 
 import pytest
-
 from gemma_serve.engine.async_engine import AsyncEngine
-from gemma_serve.engine.outputs import RequestRejectedError
+from gemma_serve.engine.outputs import EngineOverloadedError, RequestRejectedError
 from gemma_serve.engine.sampling_params import SamplingParams
 
-from .conftest import engine_for
-from .test_batching import prompt
+from .conftest import engine_for, prompt
 
 
 @pytest.fixture
@@ -78,3 +76,78 @@ async def test_abort_is_idempotent_and_rejections_are_synchronous(async_engine):
         async_engine.add_request("too-long", prompt(3, 120), SamplingParams(max_tokens=20))
     tokens, last = await collect(async_engine, "after", prompt(4, 4), SamplingParams(max_tokens=3))
     assert len(tokens) == 3 and last.finished
+
+
+async def wait_all_free(engine) -> None:
+    for _ in range(200):
+        stats = engine.stats()
+        if stats.num_running == stats.num_waiting == 0 and stats.num_free_blocks == stats.num_total_blocks:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"blocks still held: {engine.stats()}")
+
+
+async def test_plain_break_and_a_never_read_stream_abort(async_engine):
+    async for _ in async_engine.add_request("breaker", prompt(5, 10), SamplingParams(max_tokens=100)):
+        break
+    async_engine.add_request("ignored", prompt(6, 10), SamplingParams(max_tokens=100))  # dropped at once
+    await wait_all_free(async_engine)
+    assert not async_engine.engine.sequences
+
+
+async def test_aclose_while_a_next_is_pending_in_another_task(async_engine):
+    """The Triton model waits on `__anext__` in a task, cancels it and closes the stream."""
+    stream = async_engine.add_request("pending", prompt(7, 10), SamplingParams(max_tokens=100))
+    first = await stream.__anext__()
+    assert not first.finished
+    pending = asyncio.ensure_future(stream.__anext__())
+    await asyncio.sleep(0)
+    pending.cancel()
+    await stream.aclose()
+    await wait_all_free(async_engine)
+    with pytest.raises(StopAsyncIteration):
+        await stream.__anext__()
+
+
+async def test_a_failing_step_fails_the_streams_and_the_engine_goes_on(async_engine, monkeypatch):
+    runner = async_engine.engine.runner
+    real_run = runner.run
+
+    def broken(chunks):
+        raise RuntimeError("device on fire")
+
+    monkeypatch.setattr(runner, "run", broken)
+    with pytest.raises(RuntimeError, match="device on fire"):
+        await collect(async_engine, "doomed", prompt(8, 6), SamplingParams(max_tokens=4))
+    await wait_all_free(async_engine)
+    monkeypatch.setattr(runner, "run", real_run)
+    tokens, last = await collect(async_engine, "fine", prompt(8, 6), SamplingParams(max_tokens=4))
+    assert len(tokens) == 4 and last.finish_reason == "length"
+
+
+async def test_shutdown_fails_streams_in_flight(checkpoints):
+    folder, _ = checkpoints["gemma1"]
+    engine = AsyncEngine(engine_for(folder))
+    engine.start()
+    stream = engine.add_request("cut", prompt(9, 6), SamplingParams(max_tokens=400))
+    await stream.__anext__()
+    engine.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        async for _ in stream:
+            pass
+
+
+async def test_full_queue_is_refused_at_add_time(checkpoints):
+    folder, _ = checkpoints["gemma1"]
+    engine = AsyncEngine(engine_for(folder, max_queue_len=2))  # not started: nothing leaves the queue
+    streams = [engine.add_request(f"q{i}", prompt(i, 4), SamplingParams(max_tokens=2)) for i in range(2)]
+    with pytest.raises(EngineOverloadedError):
+        engine.add_request("q2", prompt(2, 4), SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("q0", prompt(0, 4), SamplingParams(max_tokens=2))
+    engine.start()
+    lengths = []
+    for stream in streams:
+        lengths.append(sum([len(out.new_token_ids) async for out in stream]))
+    assert lengths == [2, 2]
+    engine.shutdown()

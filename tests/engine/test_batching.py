@@ -3,18 +3,12 @@
 import random
 
 import pytest
-import torch
-
 from gemma_serve.engine.outputs import EngineOverloadedError, RequestRejectedError
 from gemma_serve.engine.sampling_params import SamplingParams
 
-from .conftest import engine_for
+from .conftest import engine_for, prompt
 
 GREEDY = dict(temperature=0.0)
-
-
-def prompt(seed: int, length: int) -> list[int]:
-    return torch.randint(5, 300, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def run_staggered(engine, requests: dict[str, tuple[list[int], SamplingParams]], join_at: dict[str, int]):
@@ -136,3 +130,86 @@ def test_limits_reject_or_refuse_with_clear_errors(checkpoints):
         engine.add_request("c", prompt(3, 4), SamplingParams(max_tokens=1))
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("a", prompt(1, 4), SamplingParams(max_tokens=1))
+
+
+def test_decodes_keep_running_while_a_long_prompt_is_prefilled_in_chunks(checkpoints):
+    folder, _ = checkpoints["gemma2"]
+    engine = engine_for(folder, max_num_batched_tokens=8)
+    engine.add_request("decoding", prompt(30, 3), SamplingParams(max_tokens=20, **GREEDY))
+    engine.step()  # its prompt, and its first token
+    engine.add_request("long", prompt(31, 60), SamplingParams(max_tokens=2, **GREEDY))
+    for _ in range(8):  # 60 prompt tokens at most 7 a step: "long" prefills all along
+        chunks = engine.scheduler.schedule()
+        assert chunks[0].seq.request_id == "decoding" and chunks[0].num_tokens == 1
+        assert sum(c.num_tokens for c in chunks) <= 8
+        outputs = engine._postprocess(chunks, engine.runner.run(chunks))
+        assert [o.request_id for o in outputs] == ["decoding"]
+    alone = engine_for(folder).generate([prompt(30, 3)], SamplingParams(max_tokens=20, **GREEDY))[0]
+    decoded = list(engine.sequences["decoding"].output_token_ids)
+    while engine.has_unfinished():
+        decoded += [t for o in engine.step() if o.request_id == "decoding" for t in o.new_token_ids]
+    assert decoded == alone
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_two_running_requests_share_a_cached_prefix(checkpoints):
+    folder, _ = checkpoints["gemma3"]
+    engine = engine_for(folder)
+    shared = prompt(40, 24)
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    expected = engine_for(folder, enable_prefix_caching=False).generate([shared + [9], shared + [11]], params)
+    engine.add_request("first", shared + [9], params)
+    engine.step()  # computes and publishes the prompt's full blocks
+    engine.add_request("second", shared + [11], params)
+    engine.step()
+    first, second = engine.sequences["first"], engine.sequences["second"]
+    assert second.num_cached_tokens == 24 and second.block_table[:6] == first.block_table[:6]
+    assert all(engine.block_manager.ref_counts[b] == 2 for b in first.block_table[:6])
+    outputs = {"first": list(first.output_token_ids), "second": list(second.output_token_ids)}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outputs[o.request_id].extend(o.new_token_ids)
+    assert [outputs["first"], outputs["second"]] == expected
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_random_workload_with_shared_prefixes_tiny_pool_and_aborts(checkpoints):
+    """Prefix hits, preemption and aborts together: ref counts always match the block tables, the
+    survivors' outputs equal a roomy run's, and every block comes back."""
+    folder, _ = checkpoints["gemma1"]
+    rng = random.Random(3)
+    prefixes = [prompt(50, 9), prompt(51, 14)]
+    requests = {}
+    for i in range(12):
+        p = rng.choice(prefixes)[:rng.randint(4, 14)] + prompt(60 + i, rng.randint(1, 6))
+        requests[f"r{i}"] = (p, SamplingParams(max_tokens=rng.randint(3, 14), **GREEDY))
+    ids = list(requests)
+    roomy = dict(zip(ids, engine_for(folder).generate([requests[r][0] for r in ids], [requests[r][1] for r in ids])))
+
+    engine = engine_for(folder, num_kv_blocks=12, max_num_batched_tokens=10)
+    bm = engine.block_manager
+    join_at = {r: rng.randint(0, 10) for r in ids}
+    abort_at = {r: join_at[r] + rng.randint(0, 8) for r in rng.sample(ids, 3)}
+    outputs = {r: [] for r in ids}
+    finished, cache_hits = set(), 0
+    step = 0
+    while step <= 10 or engine.has_unfinished():
+        for r in ids:
+            if join_at[r] == step:
+                engine.add_request(r, *requests[r])
+            if abort_at.get(r) == step:
+                engine.abort(r)
+        for out in engine.step():
+            outputs[out.request_id].extend(out.new_token_ids)
+            if out.finished:
+                finished.add(out.request_id)
+        cache_hits += sum(s.num_cached_tokens for s in engine.scheduler.running)
+        held = [b for s in engine.scheduler.running for b in s.block_table]
+        assert sum(bm.ref_counts) == len(held)
+        assert all(bm.ref_counts[b] == 0 for b in bm.free) and not any(s.block_table for s in engine.scheduler.waiting)
+        step += 1
+    assert engine.scheduler.num_preemptions > 0 and cache_hits > 0
+    for r in finished:
+        assert outputs[r] == roomy[r], r
+    assert len(finished) >= 9 - len(abort_at)
+    assert bm.num_free_blocks == bm.num_blocks

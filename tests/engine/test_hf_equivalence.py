@@ -3,13 +3,11 @@ relative error < 1e-4) and token-identical greedy generation, for Gemma 1, 2 and
 
 import pytest
 import torch
-
-from gemma_serve.engine.attention import AttentionMetadata
-from gemma_serve.engine.model_config import ModelConfig
 from gemma_serve.engine.sampling_params import SamplingParams
 from gemma_serve.engine.scheduler import ScheduledChunk
+from gemma_serve.engine.sequence import Sequence
 
-from .conftest import engine_for, make_config
+from .conftest import engine_for, prompt
 
 GENERATIONS = ["gemma1", "gemma2", "gemma3", "gemma3_mm"]
 
@@ -19,57 +17,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def engine_logits(engine, prompt: list[int], chunk: int) -> torch.Tensor:
-    """Logits at every prompt position, computing the prompt in chunks through the paged cache."""
-    from gemma_serve.engine.sequence import Sequence
-
+    """Logits at every prompt position, computing the prompt in chunks through the paged cache (the
+    runner's own batch preparation; chunk 1 is the decode path)."""
     runner = engine.runner
     seq = Sequence("probe", prompt, SamplingParams(max_tokens=1), 0)
     engine.block_manager.allocate(seq)
     rows = []
     for start in range(0, len(prompt), chunk):
         n = min(chunk, len(prompt) - start)
-        bs = runner.block_size
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor([seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]),
-            query_start=torch.tensor([0, n]), context_lens=torch.tensor([start + n]),
-            block_tables=torch.tensor([seq.block_table]), max_query_len=n, max_context_len=start + n,
-            query_index=torch.arange(n)[None, :], query_valid=torch.ones(1, n, dtype=torch.bool))
+        inputs = runner.prepare([ScheduledChunk(seq, start, n)])
         with torch.inference_mode():
-            rows.append(runner.model(torch.tensor(prompt[start:start + n]), torch.arange(start, start + n),
-                                     runner.kv_caches, meta, torch.arange(n)))
+            rows.append(runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta,
+                                     torch.arange(n)))
     engine.block_manager.free_blocks(seq)
-    return torch.cat(rows)
+    return torch.cat(rows).cpu()
 
 
 def hf_logits(model, prompt: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([prompt])).logits[0].float()
-
-
-@pytest.mark.parametrize("generation", GENERATIONS)
-def test_config_matches_transformers(generation):
-    cfg = make_config(generation)
-    ours = ModelConfig.from_dict(cfg.to_dict())
-    text = cfg.get_text_config()
-    assert ours.num_layers == text.num_hidden_layers and ours.head_dim == text.head_dim
-    layer_types = getattr(text, "layer_types", None) or ["full_attention"] * text.num_hidden_layers
-    assert ours.sliding == tuple(t == "sliding_attention" for t in layer_types)
-
-
-def test_published_configs_parse():
-    import json
-    from pathlib import Path
-
-    models = Path(__file__).resolve().parents[3] / "shared" / "models"
-    if not models.exists():
-        pytest.skip("../shared/models not present")
-    c4b = ModelConfig.from_dict(json.loads((models / "gemma-3-4b-it.config.json").read_text()))
-    assert c4b.num_layers == 34 and c4b.sliding.count(False) == 5 and c4b.rope_scaling_factor == 8.0
-    assert c4b.rope_local_theta == 10000.0 and c4b.rope_theta == 1_000_000.0 and c4b.is_multimodal
-    g2 = ModelConfig.from_dict(json.loads((models / "gemma-2-2b-it.config.json").read_text()))
-    assert g2.attn_logit_softcapping == 50.0 and g2.sliding[0] and not g2.sliding[1]
-    g7 = ModelConfig.from_dict(json.loads((models / "gemma-7b-it.config.json").read_text()))
-    assert g7.generation == 1 and not any(g7.sliding)
 
 
 @pytest.mark.parametrize("generation", GENERATIONS)
@@ -95,3 +61,31 @@ def test_greedy_32_tokens_identical_to_generate(checkpoints, generation):
                              eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
     assert ours == ref
     assert len(set(ours)) > 3, "degenerate test model: greedy repeats one token"
+
+
+@pytest.mark.parametrize("generation", ["gemma2", "gemma3"])
+def test_one_step_mixing_decode_prompt_and_chunk_matches_transformers(checkpoints, generation):
+    """A decode, a whole prompt and the last chunk of a prompt started earlier, in one flattened
+    step: each sampled row's logits equal transformers' at that sequence's last position."""
+    folder, model = checkpoints[generation]
+    engine = engine_for(folder)
+    runner, bm = engine.runner, engine.block_manager
+    a = Sequence("a", prompt(10, 30), SamplingParams(), 0)
+    b = Sequence("b", prompt(11, 13), SamplingParams(), 1)
+    c = Sequence("c", prompt(12, 19), SamplingParams(), 2)
+    for seq in (a, b, c):
+        bm.allocate(seq)
+    with torch.inference_mode():
+        for seq, n in ((a, 30), (c, 10)):  # earlier steps: all of a's prompt, the start of c's
+            inputs = runner.prepare([ScheduledChunk(seq, 0, n)])
+            runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta, inputs.logits_indices)
+            seq.num_computed_tokens = n
+        a.token_ids.append(77)  # as if sampled: a now decodes
+        bm.grow(a, a.num_tokens)
+        chunks = [ScheduledChunk(c, 10, 9), ScheduledChunk(a, 30, 1), ScheduledChunk(b, 0, 13)]
+        inputs = runner.prepare(chunks)
+        assert inputs.meta.num_decodes == 1 and inputs.sampling_seqs == [c, a, b]
+        ours = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta, inputs.logits_indices)
+    for row, seq in enumerate((c, a, b)):
+        ref = hf_logits(model, seq.token_ids)[-1]
+        assert rel_err(ours[row].cpu(), ref) < 1e-4, seq.request_id

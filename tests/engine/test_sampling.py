@@ -4,13 +4,11 @@ import math
 
 import pytest
 import torch
-
 from gemma_serve.engine.sampler import _penalize, _top_k_top_p, sample
 from gemma_serve.engine.sampling_params import SamplingParams
 from gemma_serve.engine.sequence import Sequence
 
-from .conftest import engine_for
-from .test_batching import prompt
+from .conftest import engine_for, prompt
 
 
 def seq(tokens, n_prompt, **params) -> Sequence:
@@ -38,7 +36,7 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(checkpoints):
 
 def test_top_k_top_p_masks():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
-    kept = lambda out: (out > float("-inf")).nonzero()[:, 1].tolist()  # noqa: E731
+    kept = lambda out: (out > float("-inf")).nonzero()[:, 1].tolist()
     assert kept(_top_k_top_p(logits.clone(), torch.tensor([2]), torch.tensor([1.0]))) == [0, 1]
     probs = torch.softmax(logits, -1)[0]
     # p just above the top token's mass keeps two tokens; p below it keeps one.
@@ -115,3 +113,26 @@ def test_stop_tokens_sequences_and_length(checkpoints):
     assert out.finish_reason == "length" and out.num_output_tokens == 12
     out = finish(SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=(free[0],), min_tokens=3))
     assert out.num_output_tokens >= 3
+
+
+def test_penalties_apply_per_row_in_a_mixed_batch():
+    base = torch.tensor([[2.0, -2.0, 1.0, 0.5, 0.0, 3.0]] * 3)
+    rows = [seq([0, 1, 2, 2], n_prompt=2, repetition_penalty=2.0),
+            seq([0, 1, 2, 2], n_prompt=2),  # no penalty: untouched
+            seq([5, 3, 3], n_prompt=1, frequency_penalty=1.0)]
+    logits = base.clone()
+    _penalize(logits, rows)
+    assert logits[0].tolist() == [1.0, -4.0, 0.5, 0.5, 0.0, 3.0]
+    assert logits[1].tolist() == base[1].tolist()
+    assert logits[2].tolist() == [2.0, -2.0, 1.0, -1.5, 0.0, 3.0]  # token 3 twice in the output
+
+
+def test_seeded_request_is_independent_of_its_batch(checkpoints):
+    folder, _ = checkpoints["gemma3"]
+    target = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=7)
+    p = prompt(5, 11)
+    alone = engine_for(folder).generate([p], target)[0]
+    others = [SamplingParams(max_tokens=n, temperature=1.0, seed=None if n % 2 else n) for n in (4, 9, 13)]
+    batched = engine_for(folder).generate([prompt(6, 5), p, prompt(7, 20), prompt(8, 3)],
+                                          [others[0], target, others[1], others[2]])
+    assert batched[1] == alone

@@ -1,9 +1,9 @@
 """`AsyncEngine`: the engine loop in one background thread, requests as async iterators.
 
 Requests and aborts from any thread or event loop go through a command queue that the engine thread
-drains between steps, so the engine's state is only ever touched by its own thread. Deltas go back
-to each request's event loop with `call_soon_threadsafe`. Leaving an iterator early (break, task
-cancelled, aclose) aborts the request and frees its KV blocks.
+drains between steps, so the engine's state is only ever changed by its own thread. Deltas go back
+to each request's event loop with `call_soon_threadsafe`. Leaving a stream early (break, task
+cancelled, aclose, or just dropping it) aborts the request and frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.llm_engine import LLMEngine
@@ -32,6 +31,56 @@ class _Request:
     sink: asyncio.Queue
 
 
+class RequestStream:
+    """The deltas of one request, ending after the finished one. An exception delivered by the
+    engine (a failed step, shutdown) is raised from `__anext__`.
+
+    A plain class rather than an async generator: `aclose()` must work while an `__anext__` is
+    pending in another task (an async generator refuses: "already running"), and a stream that is
+    dropped, even before its first `__anext__`, must still abort its request (`__del__`)."""
+
+    def __init__(self, engine: AsyncEngine, request: _Request) -> None:
+        self._engine = engine
+        self._request = request
+        self._done = False
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._request.sink.get()
+        except BaseException:  # cancelled while waiting: the consumer is gone
+            self._leave()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finished:
+            self._done = True
+        return item
+
+    async def aclose(self) -> None:
+        self._leave()
+
+    def _leave(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine.abort(self.request_id)
+
+    def __del__(self) -> None:
+        try:
+            self._leave()
+        except Exception:  # interpreter shutdown
+            pass
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -44,62 +93,51 @@ class AsyncEngine:
         self._pending_adds = 0
 
     @classmethod
-    def from_config(cls, config: EngineConfig) -> "AsyncEngine":
+    def from_config(cls, config: EngineConfig) -> AsyncEngine:
+        """Load the model and allocate the KV cache (not started: call `start()`)."""
         return cls(LLMEngine(config))
 
     def start(self) -> None:
         if self._thread is None:
+            self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="gemma-engine", daemon=True)
             self._thread.start()
 
     def shutdown(self) -> None:
+        """Stop the loop; requests still in flight fail with RuntimeError."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-                    ) -> AsyncIterator[RequestOutput]:
-        """Validate now (raises RequestRejectedError / EngineOverloadedError), then stream deltas."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+        """Validate now (raises RequestRejectedError / EngineOverloadedError / ValueError for a
+        duplicate id), then stream deltas. Call from a running event loop."""
         self.engine.check_request(prompt_token_ids, params)
+        loop = asyncio.get_running_loop()
         with self._lock:
-            if len(self.engine.scheduler.waiting) + self._pending_adds >= self.engine.config.max_queue_len:
-                raise EngineOverloadedError("the engine's waiting queue is full")
             if request_id in self._sinks:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            request = _Request(request_id, list(prompt_token_ids), params, asyncio.get_running_loop(), asyncio.Queue())
+            if len(self.engine.scheduler.waiting) + self._pending_adds >= self.engine.config.max_queue_len:
+                raise EngineOverloadedError(
+                    f"{self.engine.config.max_queue_len} requests are already waiting (max_queue_len)")
+            request = _Request(request_id, list(prompt_token_ids), params, loop, asyncio.Queue())
             self._sinks[request_id] = request
             self._pending_adds += 1
         self._commands.put(("add", request))
         self._wake.set()
-        return self._stream(request)
-
-    async def _stream(self, request: _Request) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while True:
-                item = await request.sink.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(request.request_id)
+        return RequestStream(self, request)
 
     def abort(self, request_id: str) -> None:
-        """Thread-safe and idempotent."""
+        """Thread-safe and idempotent; the request's blocks are freed before the next step."""
         self._commands.put(("abort", request_id))
         self._wake.set()
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    def _deliver(self, request: _Request, item) -> None:
+    def _deliver(self, request: _Request, item: RequestOutput | BaseException) -> None:
         try:
             request.loop.call_soon_threadsafe(request.sink.put_nowait, item)
         except RuntimeError:  # that event loop is closed: nobody is listening any more
@@ -114,6 +152,9 @@ class AsyncEngine:
             if kind == "add":
                 with self._lock:
                     self._pending_adds -= 1
+                    current = self._sinks.get(payload.request_id)
+                if current is not payload:
+                    continue  # aborted (and its id possibly reused) before it reached the engine
                 try:
                     self.engine.add_request(payload.request_id, payload.prompt_token_ids, payload.params)
                 except Exception as exc:
@@ -129,6 +170,7 @@ class AsyncEngine:
         while not self._stop.is_set():
             self._drain_commands()
             if not self.engine.has_unfinished():
+                # Sleep until a command arrives; the timeout only re-checks `_stop`.
                 self._wake.wait(timeout=1.0)
                 self._wake.clear()
                 continue
@@ -145,6 +187,7 @@ class AsyncEngine:
                         del self._sinks[out.request_id]
                 if request is not None:
                     self._deliver(request, out)
+        self._drain_commands()
         self._fail_all(RuntimeError("the engine was shut down"))
 
     def _fail_all(self, exc: BaseException) -> None:

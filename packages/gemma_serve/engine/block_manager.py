@@ -8,13 +8,17 @@ so a prefix stays cached while memory allows.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 
 from gemma_serve.engine.sequence import Sequence
 
 
-def block_hash(previous: int, token_ids: list[int]) -> int:
-    return hash((previous, tuple(token_ids)))
+def block_hash(previous: bytes, token_ids: list[int]) -> bytes:
+    """A 128-bit digest of the whole prefix up to this block. A cryptographic hash, not Python's
+    `hash()`, so that crafted prompts cannot collide with another request's cached prefix."""
+    return hashlib.blake2b(previous + array("q", token_ids).tobytes(), digest_size=16).digest()
 
 
 class BlockManager:
@@ -25,8 +29,8 @@ class BlockManager:
         self.block_size = block_size
         self.prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
-        self.hash_of: list[int | None] = [None] * num_blocks
-        self.cached: dict[int, int] = {}  # hash -> block id
+        self.hash_of: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}  # hash -> block id
         # Free blocks in least-recently-freed order: reuse the oldest first, keep recent prefixes.
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
 
@@ -51,7 +55,7 @@ class BlockManager:
         never reused: that token is always computed, to produce the logits for the next one."""
         if not self.prefix_caching:
             return []
-        hits, previous = [], 0
+        hits, previous = [], b""
         for i in range((seq.num_tokens - 1) // self.block_size):
             tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
             h = block_hash(previous, tokens)
@@ -96,7 +100,7 @@ class BlockManager:
             return
         full = seq.num_computed_tokens // self.block_size
         for i in range(seq.num_hashed_blocks, full):
-            previous = seq.block_hashes[i - 1] if i else 0
+            previous = seq.block_hashes[i - 1] if i else b""
             h = block_hash(previous, seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             seq.block_hashes.append(h)
             block = seq.block_table[i]

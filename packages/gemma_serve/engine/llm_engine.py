@@ -10,7 +10,8 @@ import torch
 from gemma_serve.engine.block_manager import BlockManager
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.model_runner import ModelRunner
-from gemma_serve.engine.outputs import EngineStats, RequestOutput
+from gemma_serve.engine.outputs import EngineStats, RequestOutput, RequestRejectedError
+from gemma_serve.engine.sampler import SampleResult
 from gemma_serve.engine.sampling_params import SamplingParams
 from gemma_serve.engine.scheduler import ScheduledChunk, Scheduler
 from gemma_serve.engine.sequence import Sequence
@@ -33,17 +34,17 @@ class LLMEngine:
         return self.runner.max_model_len
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestRejectedError for what this engine can never serve, EngineOverloadedError when
+        the waiting queue is full."""
         self.scheduler.check(len(prompt_token_ids), params.max_tokens)
+        vocab = self.runner.model_config.vocab_size
+        if prompt_token_ids and not 0 <= min(prompt_token_ids) <= max(prompt_token_ids) < vocab:
+            raise RequestRejectedError(f"prompt token ids must be in [0, {vocab})")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_token_ids, params)
-        vocab = self.runner.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            from gemma_serve.engine.outputs import RequestRejectedError
-
-            raise RequestRejectedError(f"prompt token ids must be in [0, {vocab})")
         seq = Sequence(request_id, prompt_token_ids, params, next(self._arrivals))
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device)
@@ -63,13 +64,14 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
+        """One iteration: schedule, run the model, post-process. Returns the deltas of this step."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
         result = self.runner.run(chunks)
         return self._postprocess(chunks, result)
 
-    def _postprocess(self, chunks: list[ScheduledChunk], result) -> list[RequestOutput]:
+    def _postprocess(self, chunks: list[ScheduledChunk], result: SampleResult | None) -> list[RequestOutput]:
         outputs = []
         sampled = iter(zip(result.token_ids, result.logprobs or itertools.repeat(None)) if result else [])
         for chunk in chunks:

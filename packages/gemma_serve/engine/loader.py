@@ -30,21 +30,31 @@ def resolve_checkpoint(model: str, token: str | None = None, revision: str | Non
     """A local folder as is, else a Hugging Face repo id downloaded (config, weights, tokenizer)."""
     path = Path(model).expanduser()
     if path.is_dir():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model folder {path} has no config.json (expected a Hugging Face layout)")
         return path
-    if path.exists() or model.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model folder not found: {model}")
+    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise FileNotFoundError(f"model folder not found: {model} (and it is not a Hugging Face repo id 'org/name')")
     from huggingface_hub import snapshot_download
 
-    logger.info("downloading %s from the Hugging Face hub", model)
-    return Path(snapshot_download(model, token=token, revision=revision,
-                                  allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
+    logger.info("downloading %s%s from the Hugging Face hub", model, f"@{revision}" if revision else "")
+    try:
+        folder = snapshot_download(model, token=token, revision=revision,
+                                   allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"])
+    except Exception as exc:  # network, auth (gated Gemma repos need a token), unknown repo or revision
+        raise FileNotFoundError(f"could not download {model!r} from the Hugging Face hub "
+                                f"({type(exc).__name__}: {exc}); gated models need hf_token") from exc
+    return Path(folder)
 
 
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [folder / s for s in shards]
+        shards = [folder / s for s in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        missing = [s.name for s in shards if not s.exists()]
+        if missing:
+            raise FileNotFoundError(f"{folder} lacks weight shards listed in its index: {missing[:4]}")
+        return shards
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {folder}")

@@ -53,6 +53,8 @@ class ModelConfig:
     final_logit_softcapping: float | None
     eos_token_ids: tuple[int, ...]
     is_multimodal: bool = False
+    # The checkpoint's dtype name ("bfloat16" for every published Gemma); dtype "auto" uses it on CUDA.
+    torch_dtype: str | None = None
 
     @property
     def generation(self) -> int:
@@ -68,7 +70,7 @@ class ModelConfig:
         return self.generation == 3
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         model_type = raw.get("model_type")
         if model_type not in SUPPORTED:
             raise ValueError(f"unsupported model_type {model_type!r}; this engine serves {', '.join(SUPPORTED)}")
@@ -79,8 +81,13 @@ class ModelConfig:
         layers = int(cfg["num_hidden_layers"])
         sliding = _layer_kinds(kind, cfg, layers)
         rope_global, rope_local, factor = _rope(cfg)
-        eos = raw.get("eos_token_id", text.get("eos_token_id", 1))
-        eos_ids = tuple(eos) if isinstance(eos, list) else (int(eos),)
+        if text.get("use_bidirectional_attention"):
+            raise ValueError("bidirectional Gemma (embedding models) is not a decoder this engine serves")
+        # The multimodal checkpoints list end-of-turn beside EOS at the top level: [1, 106].
+        eos = raw.get("eos_token_id")
+        if eos is None:
+            eos = text.get("eos_token_id", 1)
+        eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
         head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"])
         return cls(
             model_type=kind,
@@ -103,10 +110,11 @@ class ModelConfig:
             final_logit_softcapping=cfg.get("final_logit_softcapping"),
             eos_token_ids=eos_ids,
             is_multimodal=multimodal,
+            torch_dtype=raw.get("torch_dtype") or raw.get("dtype") or text.get("torch_dtype") or text.get("dtype"),
         )
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "ModelConfig":
+    def from_folder(cls, folder: Path) -> ModelConfig:
         path = Path(folder) / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"no config.json in {folder}")

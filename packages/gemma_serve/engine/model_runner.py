@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +17,7 @@ from gemma_serve.engine.model_config import ModelConfig
 from gemma_serve.engine.models.gemma import GemmaModel
 from gemma_serve.engine.sampler import SampleResult, sample
 from gemma_serve.engine.scheduler import ScheduledChunk
+from gemma_serve.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +36,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, checkpoint_dtype: str | None = None) -> torch.dtype:
+    """"auto": float32 on CPU; on CUDA the checkpoint's dtype when it is bf16 or fp32, else bf16
+    (Gemma's activations overflow float16)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.float32 if checkpoint_dtype in ("float32", "fp32") else torch.bfloat16
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {name!r}; use one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[name]
@@ -52,21 +58,39 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+@dataclass
+class StepInputs:
+    """The flattened batch of one step, on the device."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] flat row of each sampling chunk's last token, in chunk order
+    sampling_seqs: list[Sequence]
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
         folder = resolve_checkpoint(config.model, config.hf_token, config.revision)
         self.model_config = ModelConfig.from_folder(folder)
         cfg = self.model_config
-        self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
-        start = time.monotonic()
-        with torch.device(self.device), _default_dtype(self.dtype):
-            self.model = GemmaModel(cfg, self.max_model_len)
-        load_weights(self.model, folder)
+        self.dtype = resolve_dtype(config.dtype, self.device, cfg.torch_dtype)
         if config.quantization != "none":
             raise ValueError(f"quantization {config.quantization!r} is not available in this engine build yet")
+        self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
+                             f"{cfg.max_position_embeddings}")
+        start = time.monotonic()
+        # Built on "meta" and then given uninitialised storage: every weight comes from the checkpoint,
+        # so random initialisation (minutes for billions of parameters on CPU) would be wasted.
+        with torch.device("meta"), _default_dtype(self.dtype):
+            model = GemmaModel(cfg, self.max_model_len)
+        self.model = model.to_empty(device=self.device)
+        self.model.init_non_weights()
+        load_weights(self.model, folder)
         self.model.eval()
         logger.info("loaded %s (Gemma %d, %d layers) on %s in %s in %.1f s", folder, cfg.generation, cfg.num_layers,
                     self.device, self.dtype, time.monotonic() - start)
@@ -91,44 +115,58 @@ class ModelRunner:
             return max(1, int(free * self.config.kv_cache_memory_fraction) // self._block_bytes())
         return max(1, self.config.cpu_kv_cache_tokens // self.block_size)
 
+    def prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
+        """Flatten the step: decodes first (one token each), then prefill chunks, as the attention
+        metadata requires. Sampled rows are listed in the chunks' own order."""
+        order = sorted(range(len(chunks)), key=lambda j: chunks[j].num_tokens > 1)
+        ids: list[int] = []
+        positions: list[int] = []
+        starts = [0]
+        ctx_lens: list[int] = []
+        last_row = [0] * len(chunks)
+        for j in order:
+            chunk = chunks[j]
+            end = chunk.start + chunk.num_tokens
+            ids.extend(chunk.seq.token_ids[chunk.start:end])
+            positions.extend(range(chunk.start, end))
+            starts.append(starts[-1] + chunk.num_tokens)
+            ctx_lens.append(end)
+            last_row[j] = starts[-1] - 1
+        num_decodes = sum(1 for c in chunks if c.num_tokens == 1)
+        width = max(len(chunks[j].seq.block_table) for j in order)
+        tables = [chunks[j].seq.block_table + [0] * (width - len(chunks[j].seq.block_table)) for j in order]
+        query_lens = torch.tensor([chunks[j].num_tokens for j in order])
+        host = dict(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            block_tables=torch.tensor(tables, dtype=torch.long),
+            context_lens=torch.tensor(ctx_lens, dtype=torch.long),
+            query_start=torch.tensor(starts, dtype=torch.long),
+            logits_indices=torch.tensor([last_row[j] for j, c in enumerate(chunks) if c.samples], dtype=torch.long),
+        )
+        # Each token's cache slot, through its sequence's block table.
+        owner = torch.repeat_interleave(torch.arange(len(order)), query_lens)
+        pos = host["positions"]
+        host["slot_mapping"] = host["block_tables"][owner, pos // self.block_size] * self.block_size + pos % self.block_size
+        dev = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+        meta = AttentionMetadata(
+            slot_mapping=dev["slot_mapping"],
+            block_tables=dev["block_tables"],
+            context_lens=dev["context_lens"],
+            query_start=dev["query_start"],
+            num_decodes=num_decodes,
+            max_decode_context_len=max(ctx_lens[:num_decodes], default=0),
+            query_start_host=starts,
+            context_lens_host=ctx_lens,
+        )
+        return StepInputs(dev["input_ids"], dev["positions"], meta, dev["logits_indices"],
+                          [c.seq for c in chunks if c.samples])
+
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> SampleResult | None:
         """Compute the step; sample one token for every chunk that reaches its sequence's end."""
-        ids, positions, slots, starts, ctx_lens, tables, logit_rows = [], [], [], [0], [], [], []
-        bs = self.block_size
-        for chunk in chunks:
-            seq = chunk.seq
-            end = chunk.start + chunk.num_tokens
-            ids.extend(seq.token_ids[chunk.start:end])
-            positions.extend(range(chunk.start, end))
-            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(chunk.start, end))
-            starts.append(starts[-1] + chunk.num_tokens)
-            ctx_lens.append(end)
-            tables.append(seq.block_table)
-            if chunk.samples:
-                logit_rows.append(starts[-1] - 1)
-        dev = self.device
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev)
-        q_lens = [b - a for a, b in zip(starts[:-1], starts[1:])]
-        max_q = max(q_lens)
-        query_index = torch.tensor([[a + min(j, n - 1) for j in range(max_q)] for a, n in zip(starts[:-1], q_lens)],
-                                   dtype=torch.long, device=dev)
-        query_valid = torch.arange(max_q, device=dev)[None, :] < torch.tensor(q_lens, device=dev)[:, None]
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            query_start=torch.tensor(starts, dtype=torch.long, device=dev),
-            context_lens=torch.tensor(ctx_lens, dtype=torch.long, device=dev),
-            block_tables=block_tables,
-            max_query_len=max_q,
-            max_context_len=max(ctx_lens),
-            query_index=query_index,
-            query_valid=query_valid,
-        )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        if not logit_rows:
-            self.model(input_ids, pos, self.kv_caches, meta, torch.empty(0, dtype=torch.long, device=dev))
+        inputs = self.prepare(chunks)
+        logits = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, inputs.logits_indices)
+        if not inputs.sampling_seqs:
             return None
-        logits = self.model(input_ids, pos, self.kv_caches, meta, torch.tensor(logit_rows, device=dev))
-        return sample(logits, [c.seq for c in chunks if c.samples])
+        return sample(logits, inputs.sampling_seqs)

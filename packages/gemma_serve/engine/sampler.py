@@ -20,20 +20,38 @@ class SampleResult:
     logprobs: list[float] | None  # log-probability of each sampled token, when any row asked
 
 
+def _padded(rows: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
 def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Repetition (tokens of prompt and output), presence and frequency (output counts) penalties,
+    for all penalised rows at once. Rows without penalties are untouched."""
     rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0
             or s.params.presence_penalty != 0.0 or s.params.frequency_penalty != 0.0]
-    for i in rows:
-        p = seqs[i].params
-        row = logits[i]
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seqs[i].token_ids)), device=logits.device, dtype=torch.long)
-            vals = row[seen]
-            row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        out = seqs[i].output_token_ids
-        if out and (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0):
-            counts = torch.bincount(torch.tensor(out, device=logits.device), minlength=row.shape[0]).to(row.dtype)
-            row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    if not rows:
+        return
+    device, vocab = logits.device, logits.shape[-1]
+    idx = torch.tensor(rows, dtype=torch.long, device=device)
+    sub = logits[idx]
+    # Token counts with one spare column, where the padding lands.
+    outputs = _padded([seqs[i].output_token_ids for i in rows], vocab, device)
+    counts = torch.zeros(len(rows), vocab + 1, dtype=sub.dtype, device=device)
+    counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=sub.dtype))
+    counts = counts[:, :vocab]
+    prompts = _padded([seqs[i].token_ids[:seqs[i].num_prompt_tokens] for i in rows], vocab, device)
+    seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=device)
+    seen.scatter_(1, prompts, True)
+    seen = seen[:, :vocab] | (counts > 0)
+
+    def column(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(seqs[i].params, name) for i in rows], dtype=sub.dtype, device=device)[:, None]
+
+    rep = column("repetition_penalty")
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - column("frequency_penalty") * counts - column("presence_penalty") * (counts > 0).to(sub.dtype)
+    logits[idx] = sub
 
 
 def _ban(logits: torch.Tensor, seqs: list[Sequence]) -> None:
@@ -72,7 +90,6 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     _penalize(logits, seqs)
     _ban(logits, seqs)
     device = logits.device
-    greedy = torch.tensor([s.params.greedy for s in seqs], device=device)
     temps = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in seqs], device=device)
     logits = logits / temps[:, None]
     want_logprobs = any(s.params.logprobs for s in seqs)
@@ -95,7 +112,6 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
             if generator is not None:
                 draws[j] = torch.multinomial(probs[j], 1, generator=generator)[0]
         chosen[idx] = draws
-    del greedy
     token_ids = chosen.tolist()
     logprobs = None
     if logprobs_all is not None:

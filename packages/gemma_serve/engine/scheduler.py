@@ -64,26 +64,33 @@ class Scheduler:
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
-        # Running sequences first: decodes (1 token) and prefills in progress.
-        i = 0
+        scheduled: set[int] = set()
         preempted = False
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        # Running sequences first, decodes (1 token) before prefills in progress, so that a long
+        # prompt being prefilled never stalls the streams that are already decoding.
+        for seq in sorted(self.running, key=lambda s: s.num_tokens - s.num_computed_tokens > 1):
+            if budget == 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # preempted for an earlier sequence of this step
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.blocks.can_grow(seq, seq.num_computed_tokens + n):
-                # Only sequences not yet scheduled in this step may give their blocks back.
-                victim = max(self.running[i:], key=lambda s: s.arrival)
+                # Only sequences not yet scheduled in this step may give their blocks back, the
+                # latest admitted first; that can be `seq` itself, which then waits at the head of
+                # the queue (FIFO admission) until the sequences still running finish.
+                victim = max((s for s in self.running if id(s) not in scheduled), key=lambda s: s.arrival)
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             if seq.status != SequenceStatus.RUNNING:
-                continue  # preempted itself; the list shifted
+                continue
             self.blocks.grow(seq, seq.num_computed_tokens + n)
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+            scheduled.add(id(seq))
             budget -= n
-            i += 1
-        # Then admit waiting sequences in arrival order while budget, slots and blocks allow.
+        # Then admit waiting sequences in arrival order while budget, slots and blocks allow. Not
+        # after a preemption: the blocks just freed are needed by the running sequences next step.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not self.blocks.can_allocate(seq):

@@ -29,7 +29,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prefix-cache hits at the last admission
         # Full blocks whose hash is registered with the block manager.
         self.num_hashed_blocks = 0
-        self.block_hashes: list[int] = []
+        self.block_hashes: list[bytes] = []
         self.output_logprobs: list[float] = []
         self.num_emitted = 0  # output tokens already delivered as deltas
         self.finish_reason: str | None = None

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from gemma_serve.engine.attention import AttentionMetadata, paged_attention, write_kv
 from gemma_serve.engine.model_config import ModelConfig
+from torch import nn
 
 
 class RMSNorm(nn.Module):
@@ -34,26 +33,35 @@ class RMSNorm(nn.Module):
 
 
 class RotaryTable(nn.Module):
-    """cos/sin for every position up to `max_positions` (rotate-half layout, as Hugging Face)."""
+    """cos/sin for every position up to `max_positions` (rotate-half layout, as Hugging Face), float32."""
 
     def __init__(self, head_dim: int, theta: float, scaling: float, max_positions: int) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        inv_freq = inv_freq / scaling
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
+        self.head_dim, self.theta, self.scaling, self.max_positions = head_dim, theta, scaling, max_positions
+        self.register_buffer("cos", torch.empty(max_positions, head_dim, dtype=torch.float32), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, head_dim, dtype=torch.float32), persistent=False)
+        if self.cos.device.type != "meta":
+            self.init_tables()
+
+    @torch.no_grad()
+    def init_tables(self) -> None:
+        """Fill the tables on their device (after `to_empty` when the model was built on "meta")."""
+        device = self.cos.device
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim
+        inv_freq = 1.0 / (self.theta ** exponents) / self.scaling
+        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float32, device=device), inv_freq)
         emb = torch.cat([freqs, freqs], dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.cos.copy_(emb.cos())
+        self.sin.copy_(emb.sin())
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cos[positions], self.sin[positions]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, D] in float32."""
+    """x: [T, heads, D]; cos/sin: [T, 1, D], already in x's dtype (rounded as Hugging Face does)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
     return x * cos + rotated * sin
 
 
@@ -120,14 +128,24 @@ class GemmaModel(nn.Module):
         self.rope_global = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, max_positions)
         self.rope_local = RotaryTable(cfg.head_dim, cfg.rope_local_theta, 1.0, max_positions)
 
+    def init_non_weights(self) -> None:
+        """Recompute what the checkpoint does not hold (RoPE tables), e.g. after `to_empty`."""
+        self.rope_global.init_tables()
+        self.rope_local.init_tables()
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                 meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
-        """Returns float32 logits [len(logits_indices), vocab]."""
+        """input_ids, positions: [T] (all sequences' new tokens, flattened). Returns float32 logits
+        [len(logits_indices), vocab] for the rows that sample; the other rows skip the final norm and
+        the vocabulary projection."""
         weight = self.embed_tokens.weight
         # Embeddings are scaled by sqrt(hidden), the scale rounded to the weights' dtype as in training.
-        hidden = self.embed_tokens(input_ids) * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=weight.dtype)
-        cos_g, sin_g = self.rope_global(positions)
-        cos_l, sin_l = self.rope_local(positions)
+        # A host float (no tensor made per step), equal to the rounded scale.
+        scale = torch.tensor(self.cfg.hidden_size ** 0.5, dtype=weight.dtype).item()
+        hidden = self.embed_tokens(input_ids) * scale
+        # Once per step rather than per layer: [T, 1, D] in the activations' dtype.
+        cos_g, sin_g = (t[:, None, :].to(hidden.dtype) for t in self.rope_global(positions))
+        cos_l, sin_l = (t[:, None, :].to(hidden.dtype) for t in self.rope_local(positions))
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             cos, sin = (cos_l, sin_l) if layer.sliding else (cos_g, sin_g)
             hidden = layer(hidden, cos, sin, k_cache, v_cache, meta)
