@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "GEMMA_SERVE_"
 
@@ -28,7 +28,9 @@ class ServingSettings(BaseModel):
     served_model_name: str | None = None
 
     # --- engine behind Triton ---
-    engine: Literal["portable", "tensorrt_llm"] = "portable"
+    # "auto": tensorrt_llm when tritonserver has the TensorRT-LLM backend and `engine_repository` is
+    # set (the NGC image on Baseten), else portable (`make serve` on a laptop or CI).
+    engine: Literal["portable", "tensorrt_llm", "auto"] = "portable"
     device: str = "auto"
     dtype: str = "auto"
     quantization: Literal["none", "int8"] = "none"
@@ -41,6 +43,20 @@ class ServingSettings(BaseModel):
     max_queue_len: int = Field(4096, ge=1)
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True
+
+    # --- TensorRT-LLM engine (production; see docs/production.md) ---
+    # Hugging Face repo id or local folder of an engine built by build_engine.sh (engine_build.json).
+    engine_repository: str | None = None
+    engine_revision: str | None = None
+    # Where the tokenizer comes from when it is not `model` (an alias of `tokenizer`, as Baseten's
+    # TensorRT-LLM trusses name it).
+    tokenizer_repository: str | None = None
+    kv_cache_free_gpu_mem_fraction: float = Field(0.9, gt=0, le=1)
+    enable_kv_cache_reuse: bool = True
+    max_queue_delay_microseconds: int = Field(0, ge=0)
+    batch_scheduler_policy: Literal["guaranteed_no_evict", "max_utilization"] = "guaranteed_no_evict"
+    # None: as many tokens as kv_cache_free_gpu_mem_fraction allows.
+    max_tokens_in_paged_kv_cache: int | None = Field(None, ge=1)
 
     # --- request limits and defaults ---
     # Context window (prompt + output); None: the model's, capped at 8192.
@@ -56,6 +72,12 @@ class ServingSettings(BaseModel):
     triton_log_verbose: int = Field(0, ge=0)
     # Where the rendered model repository and tritonserver's log go; None: a fresh temporary folder.
     workdir: str | None = None
+
+    @model_validator(mode="after")
+    def _tokenizer_repository_is_tokenizer(self) -> ServingSettings:
+        if self.tokenizer_repository and not self.tokenizer:
+            self.tokenizer = self.tokenizer_repository
+        return self
 
     @property
     def tokenizer_path(self) -> str:

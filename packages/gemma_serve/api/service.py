@@ -25,9 +25,11 @@ from gemma_serve.api.pipeline import Finished, GenerationPipeline, TextDelta
 from gemma_serve.api.schemas import Message, PredictRequest
 from gemma_serve.api.tokenizer import Tokenizer
 from gemma_serve.settings import ServingSettings
+from gemma_serve.triton import trtllm_engine
 from gemma_serve.triton.client import TritonClient
 from gemma_serve.triton.repository import DEFAULT_DATA_DIR, PORTABLE_MODEL, render_portable_repository
 from gemma_serve.triton.server import TritonServer
+from gemma_serve.triton.trtllm_repository import TENSORRT_LLM_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +87,15 @@ class GemmaService:
     def start(cls, settings: ServingSettings, hf_token: str | None = None, data_dir: Path | None = None
               ) -> "GemmaService":
         """Load the tokenizer, render the model repository, start tritonserver and wait for the model."""
-        if settings.engine != "portable":
-            raise NotImplementedError(f"engine '{settings.engine}' is not available in this build")
+        if trtllm_engine.resolve_engine(settings) == "tensorrt_llm":
+            # Check and fetch the engine first (fails fast), then the tokenizer, then the slow start.
+            engine = trtllm_engine.prepare(settings, hf_token)
+            tokenizer = Tokenizer.load(engine.tokenizer_source, hf_token, engine.tokenizer_revision,
+                                       engine.max_model_len)
+            server = trtllm_engine.start_server(settings, engine, data_dir)
+            logger.info("serving %s through tritonserver at %s (metrics %s)", settings.engine_repository,
+                        server.grpc_url, server.metrics_url)
+            return cls(settings, tokenizer, server, TritonClient(server.grpc_url, TENSORRT_LLM_MODEL))
         tokenizer = Tokenizer.load(settings.tokenizer_path, hf_token, settings.revision, settings.max_model_len)
         workdir = Path(settings.workdir) if settings.workdir else Path(tempfile.mkdtemp(prefix="gemma-serve-"))
         # Truss hands the model its data_dir (/app/data in the image); the repository's data/ otherwise.
