@@ -98,3 +98,20 @@ def test_repo_id_is_downloaded_with_token_and_revision(checkpoints, monkeypatch)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", failing_download)
     with pytest.raises(FileNotFoundError, match="could not download 'google/gemma-7b-it'.*401"):
         resolve_checkpoint("google/gemma-7b-it")
+
+
+def test_random_load_format_needs_only_a_config(tmp_path):
+    """Benchmarks build real-shape models from config.json alone (no weights to download)."""
+    import json
+
+    from gemma_serve.engine.config import EngineConfig
+    from gemma_serve.engine.llm_engine import LLMEngine
+    from gemma_serve.engine.sampling_params import SamplingParams
+
+    config = {"model_type": "gemma3_text", "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16,
+              "max_position_embeddings": 256, "sliding_window": 8}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    engine = LLMEngine(EngineConfig(model=str(tmp_path), device="cpu", load_format="random", num_kv_blocks=32))
+    out = engine.generate([[2, 5, 7]], SamplingParams(max_tokens=4, temperature=0.0))[0]
+    assert len(out) == 4 and all(0 <= t < 128 for t in out)

@@ -95,7 +95,7 @@ class GemmaService:
             server = trtllm_engine.start_server(settings, engine, data_dir)
             logger.info("serving %s through tritonserver at %s (metrics %s)", settings.engine_repository,
                         server.grpc_url, server.metrics_url)
-            return cls(settings, tokenizer, server, TritonClient(server.grpc_url, TENSORRT_LLM_MODEL))
+            return _started(cls, settings, tokenizer, server, TENSORRT_LLM_MODEL)
         tokenizer = Tokenizer.load(settings.tokenizer_path, hf_token, settings.revision, settings.max_model_len)
         workdir = Path(settings.workdir) if settings.workdir else Path(tempfile.mkdtemp(prefix="gemma-serve-"))
         # Truss hands the model its data_dir (/app/data in the image); the repository's data/ otherwise.
@@ -109,10 +109,9 @@ class GemmaService:
             log_verbose=settings.triton_log_verbose, extra_env=env,
         )
         server.start()
-        client = TritonClient(server.grpc_url, PORTABLE_MODEL)
         logger.info("serving %s through tritonserver at %s (metrics %s)", settings.model, server.grpc_url,
                     server.metrics_url)
-        return cls(settings, tokenizer, server, client)
+        return _started(cls, settings, tokenizer, server, PORTABLE_MODEL)
 
     def stop(self) -> None:
         if self.server is not None:
@@ -152,6 +151,17 @@ class GemmaService:
         assert finished is not None
         return JSONResponse({"text": "".join(text), "finish_reason": finished.finish_reason,
                              "usage": finished.usage, "model": self.settings.model_name})
+
+
+def _started(cls, settings: ServingSettings, tokenizer: Tokenizer, server: TritonServer, model_name: str
+             ) -> "GemmaService":
+    """Wire the service to a running server; if that fails, stop the server, since Truss retries a
+    failed load() and would otherwise leave one tritonserver behind per attempt."""
+    try:
+        return cls(settings, tokenizer, server, TritonClient(server.grpc_url, model_name))
+    except BaseException:
+        server.stop()
+        raise
 
 
 async def _answer(handler) -> Response:

@@ -32,5 +32,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # "none" | "int8" (weight-only, per-output-channel scales).
     quantization: str = "none"
+    # "auto": weights from the checkpoint. "random": only config.json is read and the weights are
+    # random with the real shapes (benchmarks on machines that cannot download weights).
+    load_format: str = "auto"
     # Capture decode steps as CUDA graphs (CUDA only).
     cuda_graphs: bool = True

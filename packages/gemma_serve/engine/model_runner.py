@@ -27,6 +27,18 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
+@torch.no_grad()
+def init_random_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights with the real shapes: N(0, 0.02) matrices, zero norm weights (Gemma scales by
+    1 + weight). For benchmarks only: the text is noise, the work per token is the real model's."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.zero_()
+        else:
+            param.normal_(0.0, 0.02, generator=generator)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -90,7 +102,12 @@ class ModelRunner:
             model = GemmaModel(cfg, self.max_model_len)
         self.model = model.to_empty(device=self.device)
         self.model.init_non_weights()
-        load_weights(self.model, folder)
+        if config.load_format == "random":
+            init_random_weights(self.model)
+        elif config.load_format == "auto":
+            load_weights(self.model, folder)
+        else:
+            raise ValueError(f"unknown load_format {config.load_format!r}; use auto or random")
         self.model.eval()
         logger.info("loaded %s (Gemma %d, %d layers) on %s in %s in %.1f s", folder, cfg.generation, cfg.num_layers,
                     self.device, self.dtype, time.monotonic() - start)

@@ -1,0 +1,251 @@
+"""Offline engine benchmark: the card's ceilings, the bound of each workload, and the engine against
+transformers on one machine in one run. No server in the way: this measures the engine itself.
+
+    python -m gemma_serve.bench.engine_bench --model bench/configs/gemma-3-4b-it --out results.json
+
+Workloads (random weights with the real shapes unless --load-format auto):
+  W1  single stream: 128-token prompt, 512 new tokens; decode tok/s and TTFT
+  W2  throughput: 1024 requests x (512 in, 256 out), at most 256 running; output/total tok/s, TTFT, ITL
+  W3  baseline: 128 requests x (128 in, 128 out) through this engine, transformers generate() and
+      transformers generate_batch(), so the ratio is measured side by side
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from gemma_serve.engine.config import EngineConfig
+from gemma_serve.engine.llm_engine import LLMEngine
+from gemma_serve.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class Ceilings:
+    copy_gbps: float  # bytes read + written per second, GB/s
+    bf16_tflops: float
+
+
+@dataclass
+class WorkloadResult:
+    name: str
+    requests: int
+    prompt_len: int
+    output_len: int
+    wall_s: float
+    output_tok_s: float
+    total_tok_s: float
+    ttft_ms_mean: float
+    ttft_ms_p99: float
+    itl_ms_mean: float
+    itl_ms_p99: float
+    bound_tok_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure_ceilings() -> Ceilings:
+    """A large device copy (bytes read + written) and a bf16 8192^3 matmul, medians of repeats."""
+    n = 1 << 30  # 2 GiB of bf16 per buffer
+    a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    copy = 2 * a.numel() * a.element_size() / statistics.median(times[2:]) / 1e9
+    del a, b
+    m = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        m @ k
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    flops = 2 * 8192 ** 3 / statistics.median(times[2:]) / 1e12
+    del m, k
+    torch.cuda.empty_cache()
+    return Ceilings(copy, flops)
+
+
+def _param_bytes(engine: LLMEngine) -> int:
+    return sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+
+
+def _kv_bytes_per_token(engine: LLMEngine) -> int:
+    cfg = engine.runner.model_config
+    itemsize = torch.finfo(engine.runner.dtype).bits // 8
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+def decode_bound(engine: LLMEngine, ceil: Ceilings, batch: int, avg_context: int) -> float:
+    """Tokens/s that bandwidth (weights + KV read once per step) and matmul rate allow at this batch."""
+    step_bytes = _param_bytes(engine) + batch * avg_context * _kv_bytes_per_token(engine)
+    params = sum(p.numel() for p in engine.runner.model.parameters())
+    # The copy rate counts bytes read + written, i.e. bytes moved per second: the same yardstick as
+    # ARCHITECTURE.md's 388 tok/s for 7.76 GB of bf16 weights on a 3.0 TB/s H100.
+    t_bytes = step_bytes / (ceil.copy_gbps * 1e9)
+    t_flops = 2 * params * batch / (ceil.bf16_tflops * 1e12)
+    return batch / max(t_bytes, t_flops)
+
+
+def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> WorkloadResult:
+    """Add everything at t0 and step until done, recording when each request's tokens appear."""
+    t0 = time.perf_counter()
+    times: dict[str, list[float]] = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(f"w{i}", p, params)
+        times[f"w{i}"] = []
+    while engine.has_unfinished():
+        outputs = engine.step()
+        _sync()
+        now = time.perf_counter()
+        for out in outputs:
+            times[out.request_id].extend([now] * len(out.new_token_ids))
+    wall = time.perf_counter() - t0
+    ttft = [(t[0] - t0) * 1e3 for t in times.values() if t]
+    itl = [(b - a) * 1e3 for t in times.values() for a, b in zip(t, t[1:])]
+    out_tokens = sum(len(t) for t in times.values())
+    prompt_tokens = sum(len(p) for p in prompts)
+    return WorkloadResult("", len(prompts), len(prompts[0]), params.max_tokens, wall, out_tokens / wall,
+                          (out_tokens + prompt_tokens) / wall, statistics.mean(ttft), _p99(ttft),
+                          statistics.mean(itl) if itl else 0.0, _p99(itl) if itl else 0.0)
+
+
+def _p99(values: list[float]) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
+
+
+def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab - 10, (n, length), generator=g).tolist()
+
+
+def run_transformers(model_dir: str, prompts: list[list[int]], new_tokens: int) -> dict:
+    """transformers on the same workload: generate() with all prompts in one batch, and
+    generate_batch() (its continuous batching) with defaults."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    text = config.get_text_config()
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(text, dtype=torch.bfloat16).eval()
+    results = {}
+    ids = torch.tensor(prompts, device="cuda")
+    with torch.no_grad():
+        model.generate(ids[:2, :8], max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0)
+        _sync()
+        t = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)
+        _sync()
+        wall = time.perf_counter() - t
+    generated = (out.shape[1] - ids.shape[1]) * out.shape[0]
+    results["generate"] = {"wall_s": wall, "output_tok_s": generated / wall, "batch": len(prompts)}
+    try:
+        gen_config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                      eos_token_id=-1, pad_token_id=0)
+        t = time.perf_counter()
+        batch_out = model.generate_batch(inputs=prompts, generation_config=gen_config, progress_bar=False)
+        _sync()
+        wall = time.perf_counter() - t
+        tokens = sum(len(r.generated_tokens) for r in batch_out.values())
+        results["generate_batch"] = {"wall_s": wall, "output_tok_s": tokens / wall}
+    except Exception as exc:  # report, do not hide: the API moves between transformers releases
+        results["generate_batch"] = {"error": f"{type(exc).__name__}: {exc}"}
+    del model
+    torch.cuda.empty_cache()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bench/configs/gemma-3-4b-it")
+    parser.add_argument("--load-format", default="random", choices=["random", "auto"])
+    parser.add_argument("--workloads", default="W1,W2,W3")
+    parser.add_argument("--w2-requests", type=int, default=1024)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("engine_bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
+                    "load_format": args.load_format, "workloads": {}}
+    ceil = measure_ceilings()
+    report["ceilings"] = asdict(ceil)
+    print(f"device {report['device']}: copy {ceil.copy_gbps:.0f} GB/s (read+write), bf16 {ceil.bf16_tflops:.0f} TFLOP/s",
+          flush=True)
+    t = time.perf_counter()
+    engine = LLMEngine(EngineConfig(model=args.model, load_format=args.load_format, device="cuda", dtype="bfloat16",
+                                    max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=1024,
+                                    max_queue_len=1 << 20))
+    report["engine_start_s"] = time.perf_counter() - t
+    report["param_bytes"] = _param_bytes(engine)
+    vocab = engine.runner.model_config.vocab_size
+    greedy = dict(temperature=0.0, stop_token_ids=())
+    wanted = set(args.workloads.split(","))
+    rows = []
+    if "W1" in wanted:
+        run_requests(engine, _prompts(1, 128, vocab, 0), SamplingParams(max_tokens=16, **greedy))  # warm-up
+        r = run_requests(engine, _prompts(1, 128, vocab, 1), SamplingParams(max_tokens=512, **greedy))
+        r.name = "W1 single stream 128/512"
+        # Decode rate excludes the prefill: (tokens - 1) over the time after the first token.
+        decode_s = r.wall_s - r.ttft_ms_mean / 1e3
+        r.extra["decode_tok_s"] = 511 / decode_s
+        r.bound_tok_s = decode_bound(engine, ceil, 1, 128 + 256)
+        rows.append(r)
+    if "W2" in wanted:
+        r = run_requests(engine, _prompts(args.w2_requests, 512, vocab, 2), SamplingParams(max_tokens=256, **greedy))
+        r.name = f"W2 throughput {args.w2_requests} x 512/256, <=256 running"
+        r.bound_tok_s = decode_bound(engine, ceil, 256, 512 + 128)
+        r.extra["preemptions"] = engine.stats().extra.get("num_preemptions")
+        rows.append(r)
+    if "W3" in wanted:
+        prompts = _prompts(128, 128, vocab, 3)
+        r = run_requests(engine, prompts, SamplingParams(max_tokens=128, **greedy))
+        r.name = "W3 ours 128 x 128/128"
+        rows.append(r)
+        del engine
+        torch.cuda.empty_cache()
+        hf = run_transformers(args.model, prompts, 128)
+        report["transformers_W3"] = hf
+        best = max(v.get("output_tok_s", 0.0) for v in hf.values())
+        r.extra["transformers_best_tok_s"] = best
+        r.extra["speedup_vs_transformers"] = r.output_tok_s / best if best else None
+    report["workloads"] = [asdict(r) for r in rows]
+    print(f"\n{'workload':44s} {'out tok/s':>10s} {'total tok/s':>11s} {'TTFT ms':>9s} {'ITL ms':>8s} "
+          f"{'bound tok/s':>11s} {'% bound':>8s}")
+    for r in rows:
+        rate = r.extra.get("decode_tok_s", r.output_tok_s)
+        pct = f"{100 * rate / r.bound_tok_s:.1f}" if r.bound_tok_s else "-"
+        print(f"{r.name:44s} {rate:10.1f} {r.total_tok_s:11.1f} {r.ttft_ms_mean:9.1f} {r.itl_ms_mean:8.2f} "
+              f"{(r.bound_tok_s or 0):11.0f} {pct:>8s}")
+    if "transformers_W3" in report:
+        for k, v in report["transformers_W3"].items():
+            print(f"W3 transformers {k:28s} {v.get('output_tok_s', float('nan')):10.1f}  {v.get('error', '')}")
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
