@@ -7,7 +7,7 @@ DEVICE ?=
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test test-gpu tiny-model bench lint clean
+.PHONY: install serve test test-gpu tiny-model bench bench-engine lint clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ tiny-model: install
 
 bench: install
 	$(BIN)/python -m gemma_serve bench $(ARGS)
+
+# Offline engine benchmark on a CUDA GPU (random weights, Gemma 3 4B shapes): W1/W2/W3, see docs/benchmarks.md.
+bench-engine: install
+	$(BIN)/python -m gemma_serve.bench.engine_bench --out bench/results/engine_bench.json $(ARGS)
 
 lint: install
 	$(BIN)/python -m ruff check packages model tests
