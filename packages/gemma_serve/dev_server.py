@@ -20,11 +20,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gemma_serve.triton.server import PID_FILE, stop_recorded_server
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_DIR = REPO_ROOT / "build"
-TRITON_PID_FILE = "tritonserver.pid"
 
 
 def build_context(truss_dir: Path = REPO_ROOT, build_dir: Path = BUILD_DIR) -> Path:
@@ -141,22 +142,8 @@ class DevServer:
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-        _kill_leftover_triton(self.triton_workdir)
-
-
-def _kill_leftover_triton(workdir: Path) -> None:
-    """tritonserver runs in its own session; if the Truss server died without stopping it, do it here."""
-    pid_file = workdir / TRITON_PID_FILE
-    try:
-        pid = int(pid_file.read_text())
-    except (OSError, ValueError):
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(2)
+        # tritonserver runs in its own session; if the Truss server died without stopping it, do it here.
+        stop_recorded_server(self.triton_workdir / PID_FILE)
 
 
 if __name__ == "__main__":  # `python -m gemma_serve.dev_server install` (make install)

@@ -28,6 +28,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 NGC_TRITONSERVER = Path("/opt/tritonserver/bin/tritonserver")
+PID_FILE = "tritonserver.pid"
 
 
 class TritonServerError(RuntimeError):
@@ -78,6 +79,23 @@ def find_triton(workdir: Path) -> TritonInstallation:
     return TritonInstallation(dist / "bin" / "tritonserver", backends, env)
 
 
+def stop_recorded_server(pid_path: Path) -> None:
+    """Stop the tritonserver whose pid `pid_path` records, with its backend stubs, if it still runs.
+    For servers whose owner is gone: a retried load(), or a Truss server that was killed."""
+    try:
+        pid = int(pid_path.read_text())
+    except (OSError, ValueError):
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)  # the server leads its own process group
+        except (ProcessLookupError, PermissionError):
+            break
+        logger.warning("stopping a leftover tritonserver (pid %d, %s)", pid, sig.name)
+        time.sleep(1)
+    pid_path.unlink(missing_ok=True)
+
+
 class TritonServer:
     """A tritonserver process serving `model_repository` over gRPC and HTTP."""
 
@@ -103,7 +121,7 @@ class TritonServer:
         self.extra_env = dict(extra_env or {})
         self.log_path = self.workdir / "tritonserver.log"
         # Lets a supervisor (dev_server) clean up if this process dies without calling stop().
-        self.pid_path = self.workdir / "tritonserver.pid"
+        self.pid_path = self.workdir / PID_FILE
         self._process: subprocess.Popen | None = None
 
     @property
@@ -147,26 +165,12 @@ class TritonServer:
             cmd.append(f"--backend-directory={installation.backend_directory}")
         return cmd
 
-    def _reap_stale(self) -> None:
-        """A server recorded in this workdir by an earlier attempt (Truss retries a failed load())."""
-        try:
-            pid = int(self.pid_path.read_text())
-        except (OSError, ValueError):
-            return
-        logger.warning("stopping a tritonserver (pid %d) left by an earlier start in %s", pid, self.workdir)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                break
-            time.sleep(1)
-        self.pid_path.unlink(missing_ok=True)
-
     def start(self, wait: bool = True) -> None:
         if self.alive:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._reap_stale()
+        # A server recorded here by an earlier attempt (Truss retries a failed load()).
+        stop_recorded_server(self.pid_path)
         installation = find_triton(self.workdir)
         env = {**os.environ, **installation.env, **self.extra_env}
         cmd = self.command(installation)
