@@ -170,8 +170,8 @@ def test_top_p_and_top_k_narrow_sampling_to_greedy(client):
 @pytest.mark.parametrize("field, value", [("presence_penalty", 2.0), ("frequency_penalty", 2.0),
                                           ("repetition_penalty", 3.0)])
 def test_penalties_change_greedy_output(client, field, value):
-    plain = chat(client, "repeat repeat", max_tokens=24, temperature=0, extra_body=FIXED)
-    changed = chat(client, "repeat repeat", max_tokens=24, temperature=0, extra_body={**FIXED, field: value})
+    plain = chat(client, "repeat repeat", max_tokens=64, temperature=0, extra_body=FIXED)
+    changed = chat(client, "repeat repeat", max_tokens=64, temperature=0, extra_body={**FIXED, field: value})
     assert changed.choices[0].message.content != plain.choices[0].message.content
 
 
