@@ -34,6 +34,8 @@ class ServingSettings(BaseModel):
     device: str = "auto"
     dtype: str = "auto"
     quantization: Literal["none", "int8"] = "none"
+    # "random": real shapes from config.json, random weights (GPU benchmarks without downloads).
+    load_format: Literal["auto", "random"] = "auto"
     block_size: int = Field(16, ge=1)
     num_kv_blocks: int | None = Field(None, ge=1)
     kv_cache_memory_fraction: float = Field(0.85, gt=0, le=1)

@@ -115,8 +115,15 @@ class EngineModel:
         sender.send(self.pb.InferenceResponse(output_tensors=[], error=error),
                     flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
+    def _tensor(self, name: str, array):
+        # Through DLPack, not pb_utils.Tensor(name, ndarray): with numpy 2 in the stub (the GPU image)
+        # the numpy path delivers responses whose tensors have a shape and no data.
+        import torch
+
+        return self.pb.Tensor.from_dlpack(name, torch.from_numpy(array))
+
     def _send(self, sender, chunk: TokenChunk, final: bool = False) -> None:
-        tensors = [self.pb.Tensor(name, array) for name, array in contract.chunk_to_tensors(chunk).items()]
+        tensors = [self._tensor(name, array) for name, array in contract.chunk_to_tensors(chunk).items()]
         flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
         sender.send(self.pb.InferenceResponse(output_tensors=tensors), flags=flags)
 

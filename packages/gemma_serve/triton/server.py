@@ -10,6 +10,7 @@ libraries after it (`../shared/FIELD-NOTES.md`).
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import logging
 import os
 import shutil
@@ -52,14 +53,14 @@ def find_triton(workdir: Path) -> TritonInstallation:
     """The NGC image's tritonserver if present, else the `nvidia-pytriton` wheel's, prepared in `workdir`."""
     if NGC_TRITONSERVER.exists():
         return TritonInstallation(NGC_TRITONSERVER, None, {})
-    try:
-        import pytriton
-    except ImportError as exc:
+    # Located, not imported: importing pytriton pulls in its whole client stack, which we do not use.
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
         raise TritonServerError(
             "no tritonserver found: not in the NGC image (/opt/tritonserver) and the `nvidia-pytriton` "
-            "wheel is not installed (pip install -r requirements-dev.txt)"
-        ) from exc
-    dist = Path(pytriton.__file__).parent / "tritonserver"
+            "wheel is not installed (pip install -r requirements-dev.txt)")
+    package_dir = Path(list(spec.submodule_search_locations)[0])
+    dist = package_dir / "tritonserver"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
     if not stub.exists():
@@ -68,7 +69,7 @@ def find_triton(workdir: Path) -> TritonInstallation:
     if not (backends / "python" / "triton_python_backend_stub").exists():
         shutil.copytree(dist / "backends", backends, dirs_exist_ok=True)
         shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
-    libs = [sysconfig.get_config_var("LIBDIR") or "", str(Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs")]
+    libs = [sysconfig.get_config_var("LIBDIR") or "", str(package_dir.parent / "nvidia_pytriton.libs")]
     if os.environ.get("LD_LIBRARY_PATH"):
         libs.append(os.environ["LD_LIBRARY_PATH"])
     env = {
