@@ -10,13 +10,28 @@ This is the portable reference path in plain PyTorch (any device), computed in f
 
 Sliding-window layers only gather the keys inside the window. A faster kernel can replace
 `paged_attention` behind the same `AttentionMetadata`.
+
+On CUDA (with Triton) the decodes use `paged_decode` instead: a Triton kernel that reads the K/V
+blocks in place through the block tables, with a grid that depends only on the batch size and the
+longest context the engine allows, so it can be captured in a CUDA graph. Each sequence's keys are
+cut into splits of a fixed length (flash-decoding), each split reduced by its own program, and the
+splits combined in a fixed order: a row's result depends on its own context only, never on the
+batch or on the grid it was launched with.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import torch
+
+try:  # CUDA builds of PyTorch ship Triton; CPU-only installs use the PyTorch path alone.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
 
 # Most float32 scores one prefill tile holds (heads x query rows x keys): 256 MiB.
 _MAX_TILE_SCORES = 1 << 26
@@ -40,6 +55,9 @@ class AttentionMetadata:
     # Host copies, so the prefill loop needs no device round trip.
     query_start_host: list[int]
     context_lens_host: list[int]
+    # Keys per split of the Triton decode kernel: fixed per engine (from its max_model_len), so that
+    # results do not depend on the step's longest context.
+    decode_split_len: int = 128
 
     @property
     def num_seqs(self) -> int:
@@ -59,7 +77,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q: [T, heads, head_dim] of the new tokens, whose K/V are already written. Returns [T, heads, head_dim]."""
     out = torch.empty_like(q)
     nd = meta.num_decodes
-    if nd:
+    if nd and use_decode_kernel(q.device):
+        paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd],
+                     meta.max_decode_context_len, scale, window, softcap, meta.decode_split_len, out[:nd])
+    elif nd:
         out[:nd] = _decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd],
                            meta.max_decode_context_len, scale, window, softcap)
     starts = meta.query_start_host
@@ -131,4 +152,173 @@ def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bloc
         scores = _scores(qh[:, :, a:b], kh, scale, softcap).masked_fill(~allowed, float("-inf"))
         part = torch.matmul(torch.softmax(scores, dim=-1), vh)  # [kv, group, tile, D]
         out[a:b] = part.permute(2, 0, 1, 3).reshape(b - a, heads, head_dim).to(q.dtype)
+    return out
+
+
+# --- Triton paged decode ------------------------------------------------------------------------
+
+# At most this many splits per sequence; the split length grows with max_model_len beyond that.
+MAX_DECODE_SPLITS = 16
+MIN_DECODE_SPLIT_LEN = 64
+# bf16/fp16 caches: tensor-core dots in the decode kernel (else float32 products on the CUDA cores).
+# Measured on an H100 (Gemma 3 4B shapes): 7.9 vs 12.4 us a layer at batch 1, equal at batch 256.
+DECODE_TENSOR_CORES = os.environ.get("GEMMA_DECODE_TENSOR_CORES", "1") == "1"
+
+
+def decode_kernel_available() -> bool:
+    return triton is not None
+
+
+def use_decode_kernel(device: torch.device) -> bool:
+    return triton is not None and device.type == "cuda"
+
+
+def decode_split_len(max_model_len: int) -> int:
+    """Keys per split: a power of two >= 64 such that max_model_len needs at most 16 splits."""
+    need = -(-max_model_len // MAX_DECODE_SPLITS)
+    return max(MIN_DECODE_SPLIT_LEN, 1 << max(0, need - 1).bit_length())
+
+
+def _decode_block_n(group_pad: int, head_dim: int, split_len: int) -> int:
+    """Keys per inner iteration: the [group, keys, head_dim] float32 products stay in registers."""
+    n = 8192 // (group_pad * head_dim)
+    return max(16, min(64, split_len, 1 << (n.bit_length() - 1) if n > 0 else 16))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tanh(x):
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+    @triton.jit
+    def _paged_decode_kernel(Q, K, V, BT, CTX, O, PACC, PM, PL,
+                             stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
+                             scale, softcap, window, split_len, num_splits,
+                             NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                             G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+                             BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                             HAS_SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr):
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        ctx = tl.load(CTX + seq).to(tl.int32)
+        if HAS_WINDOW:
+            first = tl.maximum(ctx - window, 0)
+        else:
+            first = ctx * 0
+        lo = first + split * split_len
+        hi = tl.minimum(lo + split_len, ctx)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        gmask = g < GROUP
+        heads = kvh * GROUP + g
+        q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None],
+                    other=0.0)
+        if not USE_DOT:
+            q = q.to(tl.float32)
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            nmask = n < hi
+            blk = tl.load(BT + seq * stride_bt + n // PAGE, mask=nmask, other=0).to(tl.int64)
+            slot = blk * PAGE + n % PAGE
+            offs = slot[:, None] * (KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
+            k = tl.load(K + offs, mask=nmask[:, None], other=0.0)  # [N, D]
+            v = tl.load(V + offs, mask=nmask[:, None], other=0.0)  # issued with K: both loads in flight
+            if USE_DOT:  # tensor cores, 16-bit operands (the group padded to 16 rows), float32 sums
+                s = tl.dot(q, tl.trans(k)) * scale  # [G, N]
+            else:  # float32 products and sums, as the PyTorch path
+                s = tl.sum(q[:, None, :] * k[None, :, :].to(tl.float32), axis=2) * scale
+            if HAS_SOFTCAP:
+                s = _tanh(s / softcap) * softcap
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if USE_DOT:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            else:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+            m_i = m_new
+        # Always partial results, merged by the combine kernel (also for a single split): the code
+        # that computes a split never depends on the grid, so neither does any result.
+        part = (seq * NUM_HEADS + heads) * num_splits + split  # [G]
+        tl.store(PACC + part[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None])
+        tl.store(PM + part, m_i, mask=gmask)
+        tl.store(PL + part, l_i, mask=gmask)
+
+    @triton.jit
+    def _decode_combine_kernel(PACC, PM, PL, CTX, O, stride_ob, stride_oh, window, split_len, num_splits,
+                               NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr):
+        """Merge a row's splits in order 0, 1, ...: only the splits its context reaches are read."""
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        ctx = tl.load(CTX + seq).to(tl.int32)
+        if HAS_WINDOW:
+            first = tl.maximum(ctx - window, 0)
+        else:
+            first = ctx * 0
+        active = tl.cdiv(ctx - first, split_len)
+        base = (seq * NUM_HEADS + head) * num_splits
+        d = tl.arange(0, HEAD_DIM)
+        m_max = tl.load(PM + base)
+        for s in range(1, active):
+            m_max = tl.maximum(m_max, tl.load(PM + base + s))
+        acc = tl.zeros([HEAD_DIM], tl.float32)
+        l_sum = tl.zeros([1], tl.float32)
+        for s in range(0, active):
+            m_s = tl.load(PM + base + s)
+            w = tl.where(m_s == m_max, 1.0, tl.exp(m_s - m_max))  # exactly 1 for the largest
+            l_sum += w * tl.load(PL + base + s)
+            acc += w * tl.load(PACC + (base + s) * HEAD_DIM + d)
+        out = acc / l_sum
+        tl.store(O + seq * stride_ob + head * stride_oh + d, out.to(O.dtype.element_ty))
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, max_context_len: int, scale: float, window: int | None,
+                 softcap: float | None, split_len: int, out: torch.Tensor, tensor_cores: bool | None = None
+                 ) -> torch.Tensor:
+    """One query per sequence at position context_len - 1, read from the paged cache in place.
+    q, out: [B, heads, D] (last dim contiguous); block_tables [B, >= blocks needed]; context_lens [B] >= 1.
+    `max_context_len` only sizes the grid (an upper bound of context_lens): CUDA graphs pass the
+    engine's max_model_len. `tensor_cores` (16-bit caches only; default DECODE_TENSOR_CORES): scores
+    and P @ V on tensor cores, P rounded to the cache dtype. Writes `out` and returns it."""
+    batch, heads, head_dim = q.shape
+    _, page, kv_heads, _ = k_cache.shape
+    group = heads // kv_heads
+    if (head_dim & (head_dim - 1) or q.stride(-1) != 1 or out.stride(-1) != 1 or block_tables.stride(-1) != 1
+            or not k_cache.is_contiguous() or not v_cache.is_contiguous()):
+        raise ValueError("paged_decode needs a power-of-two head_dim, contiguous caches and contiguous last dims")
+    if split_len & (split_len - 1):
+        raise ValueError("decode split length must be a power of two")
+    span = min(window, max_context_len) if window else max_context_len
+    num_splits = max(1, math.ceil(span / split_len))
+    if tensor_cores is None:
+        tensor_cores = DECODE_TENSOR_CORES
+    use_dot = tensor_cores and k_cache.dtype in (torch.bfloat16, torch.float16) and q.dtype == k_cache.dtype
+    group_pad = triton.next_power_of_2(group)
+    if use_dot:
+        group_pad, block_n = max(16, group_pad), min(64, split_len)
+    else:
+        block_n = _decode_block_n(group_pad, head_dim, split_len)
+    if batch == 0:
+        return out
+    common = dict(NUM_HEADS=heads, HEAD_DIM=head_dim, HAS_WINDOW=window is not None)
+    part_acc = torch.empty(batch, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    _paged_decode_kernel[(batch, kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_m, part_l,
+        q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
+        float(scale), float(softcap or 1.0), int(window or 0), split_len, num_splits,
+        KV_HEADS=kv_heads, GROUP=group, G_PAD=group_pad, PAGE=page, BLOCK_N=block_n,
+        HAS_SOFTCAP=softcap is not None, USE_DOT=use_dot, num_warps=4, **common)
+    _decode_combine_kernel[(batch, heads)](
+        part_acc, part_m, part_l, context_lens, out, out.stride(0), out.stride(1), int(window or 0), split_len,
+        num_splits, num_warps=1 if head_dim <= 128 else 2, **common)
     return out

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gemma_serve.engine.attention import AttentionMetadata
+from gemma_serve.engine.attention import AttentionMetadata, decode_kernel_available, decode_split_len
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.loader import load_weights, resolve_checkpoint
 from gemma_serve.engine.model_config import ModelConfig
@@ -113,12 +113,25 @@ class ModelRunner:
                     self.device, self.dtype, time.monotonic() - start)
         self.block_size = config.block_size
         self.num_blocks = self._num_blocks()
-        shape = (self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.decode_split_len = decode_split_len(self.max_model_len)
+        use_graphs = config.cuda_graphs and self.device.type == "cuda"
+        if use_graphs and not decode_kernel_available():
+            logger.warning("CUDA graphs need Triton's paged decode kernel, and Triton is not installed: eager steps")
+            use_graphs = False
+        # With CUDA graphs, one block more than the block manager knows of: the scratch block that
+        # the padding rows of a graphed batch write to.
+        shape = (self.num_blocks + int(use_graphs), self.block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                            torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(cfg.num_layers)]
         tokens = self.num_blocks * self.block_size
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f sequences of max_model_len %d)",
                     self.num_blocks, self.block_size, tokens, tokens / self.max_model_len, self.max_model_len)
+        self.graphs = None
+        if use_graphs:
+            from gemma_serve.engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, scratch_block=self.num_blocks)
+            self.graphs.capture()
 
     def _block_bytes(self) -> int:
         cfg = self.model_config
@@ -175,15 +188,22 @@ class ModelRunner:
             max_decode_context_len=max(ctx_lens[:num_decodes], default=0),
             query_start_host=starts,
             context_lens_host=ctx_lens,
+            decode_split_len=self.decode_split_len,
         )
         return StepInputs(dev["input_ids"], dev["positions"], meta, dev["logits_indices"],
                           [c.seq for c in chunks if c.samples])
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> SampleResult | None:
-        """Compute the step; sample one token for every chunk that reaches its sequence's end."""
-        inputs = self.prepare(chunks)
-        logits = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, inputs.logits_indices)
-        if not inputs.sampling_seqs:
+        """Compute the step; sample one token for every chunk that reaches its sequence's end.
+        Decode-only steps replay a CUDA graph when there is one for their (padded) batch size."""
+        if self.graphs is not None and self.graphs.can_run(chunks):
+            logits, seqs = self.graphs.run(chunks)
+        else:
+            inputs = self.prepare(chunks)
+            logits = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta,
+                                inputs.logits_indices)
+            seqs = inputs.sampling_seqs
+        if not seqs:
             return None
-        return sample(logits, inputs.sampling_seqs)
+        return sample(logits, seqs)

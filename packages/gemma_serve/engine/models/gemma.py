@@ -17,9 +17,90 @@ from gemma_serve.engine.attention import AttentionMetadata, paged_attention, wri
 from gemma_serve.engine.model_config import ModelConfig
 from torch import nn
 
+try:  # CUDA builds of PyTorch ship Triton; CPU-only installs use the PyTorch path alone.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(X, W, Y, rows_per_t, stride_t, stride_r, eps, DIM: tl.constexpr, BLOCK: tl.constexpr):
+        """One row of x ([T, R, DIM] with strided T and R) per program; float32 inside."""
+        row = tl.program_id(0)
+        t = row // rows_per_t
+        r = row % rows_per_t
+        cols = tl.arange(0, BLOCK)
+        mask = cols < DIM
+        x = tl.load(X + t.to(tl.int64) * stride_t + r * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (x * inv) * (1.0 + w)
+        tl.store(Y + row.to(tl.int64) * DIM + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _norm_rope_kernel(X, W, COS, SIN, Y, rows_per_t, stride_t, stride_r, stride_cos, eps,
+                          DIM: tl.constexpr, HALF: tl.constexpr):
+        """QK-norm then rotary embedding (rotate-half) of one head row: norm output rounded to the
+        activations' dtype as the unfused path does, the rotation in float32, rounded once."""
+        row = tl.program_id(0)
+        t = row // rows_per_t
+        r = row % rows_per_t
+        cols = tl.arange(0, DIM)
+        partner = (cols + HALF) % DIM
+        base = X + t.to(tl.int64) * stride_t + r * stride_r
+        x = tl.load(base + cols).to(tl.float32)
+        xp = tl.load(base + partner).to(tl.float32)
+        inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
+        y = ((x * inv) * (1.0 + tl.load(W + cols).to(tl.float32))).to(Y.dtype.element_ty).to(tl.float32)
+        yp = ((xp * inv) * (1.0 + tl.load(W + partner).to(tl.float32))).to(Y.dtype.element_ty).to(tl.float32)
+        rotated = tl.where(cols < HALF, -yp, yp)
+        c = tl.load(COS + t.to(tl.int64) * stride_cos + cols).to(tl.float32)
+        s = tl.load(SIN + t.to(tl.int64) * stride_cos + cols).to(tl.float32)
+        out = y * c + rotated * s
+        tl.store(Y + row.to(tl.int64) * DIM + cols, out.to(Y.dtype.element_ty))
+
+
+def _norm_rope_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
+                      sin: torch.Tensor) -> torch.Tensor | None:
+    """RMSNorm(x) then rotary, fused, for x [T, heads, D] (D a power of two, last dim contiguous) and
+    cos/sin [T, 1, D]; None when the layout does not fit."""
+    t, r, dim = x.shape
+    if x.stride(-1) != 1 or dim & (dim - 1) or cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        return None
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if y.numel():
+        _norm_rope_kernel[(t * r,)](x, weight, cos, sin, y, r, x.stride(0), x.stride(1), cos.stride(0), float(eps),
+                                    DIM=dim, HALF=dim // 2, num_warps=max(1, min(4, dim // 128)))
+    return y
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda
+
+
+def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """The fused norm (one kernel instead of ten) for [T, dim] or [T, R, dim] inputs whose last dim is
+    contiguous; None when the layout does not fit."""
+    dim = x.shape[-1]
+    if x.stride(-1) != 1 or x.dim() not in (2, 3):
+        return None
+    if x.dim() == 2:
+        t, r, stride_t, stride_r = x.shape[0], 1, x.stride(0), 0
+    else:
+        t, r, stride_t, stride_r = x.shape[0], x.shape[1], x.stride(0), x.stride(1)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if y.numel():
+        block = triton.next_power_of_2(dim)
+        _rms_norm_kernel[(t * r,)](x, weight, y, r, stride_t, stride_r, float(eps), DIM=dim, BLOCK=block,
+                                   num_warps=max(1, min(8, block // 256)))
+    return y
+
 
 class RMSNorm(nn.Module):
-    """Gemma's RMSNorm: computed in float32, scaled by (1 + weight)."""
+    """Gemma's RMSNorm: computed in float32, scaled by (1 + weight). One Triton kernel on CUDA."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -27,6 +108,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _use_triton(x):
+            y = _rms_norm_triton(x, self.weight, self.eps)
+            if y is not None:
+                return y
         x32 = x.float()
         out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (out * (1.0 + self.weight.float())).to(x.dtype)
@@ -99,9 +184,16 @@ class GemmaLayer(nn.Module):
         q = q.view(tokens, cfg.num_heads, cfg.head_dim)
         k = k.view(tokens, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(tokens, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        fused = None
+        if cfg.qk_norm and _use_triton(hidden):
+            fused = (_norm_rope_triton(q, self.q_norm.weight, self.q_norm.eps, cos, sin),
+                     _norm_rope_triton(k, self.k_norm.weight, self.k_norm.eps, cos, sin))
+        if fused is not None and fused[0] is not None and fused[1] is not None:
+            q, k = fused
+        else:
+            if cfg.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         attn = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window, cfg.attn_logit_softcapping)
         attn = self.o_proj(attn.reshape(tokens, self.q_size))

@@ -1,0 +1,151 @@
+"""CUDA graphs of decode-only steps.
+
+In the steady state every scheduled chunk is one decode token, and the step's GPU work is a few
+thousand small kernels whose launches, not the GPU, set the pace. Such a step is padded to the next
+batch size of a ladder and replayed from a graph of the model forward (embedding -> layers -> final
+norm -> logits of every row); sampling stays outside, on the real rows.
+
+Static shapes: the graph's inputs live in buffers allocated once (token ids, positions, cache slots,
+context lengths, block tables padded to max_model_len). Decode attention is the Triton paged kernel,
+whose grid depends on the batch size and max_model_len only. Padding rows write their K/V to a
+scratch block that the block manager never hands out and attend to that one slot, so they never
+touch a real sequence's cache. All graphs share one memory pool and are captured, largest first, at
+engine start.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from gemma_serve.engine.attention import AttentionMetadata
+from gemma_serve.engine.scheduler import ScheduledChunk
+from gemma_serve.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from gemma_serve.engine.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+BATCH_LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The ladder up to max_num_seqs, plus max_num_seqs itself when it falls between two rungs."""
+    sizes = [s for s in BATCH_LADDER if s <= max_num_seqs]
+    if max_num_seqs < BATCH_LADDER[-1] and max_num_seqs not in sizes:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, runner: ModelRunner, scratch_block: int) -> None:
+        self.runner = runner
+        self.device = runner.device
+        self.block_size = runner.block_size
+        self.scratch_block = scratch_block
+        self.scratch_slot = scratch_block * runner.block_size
+        self.sizes = graph_batch_sizes(runner.config.max_num_seqs)
+        self.max_batch = self.sizes[-1]
+        self.max_blocks = -(-runner.max_model_len // runner.block_size)
+        dev = self.device
+        # Rows: token ids, positions, cache slots, context lengths.
+        self.vectors = torch.zeros(4, self.max_batch, dtype=torch.long, device=dev)
+        self.block_tables = torch.zeros(self.max_batch, self.max_blocks, dtype=torch.long, device=dev)
+        self.query_start = torch.arange(self.max_batch + 1, dtype=torch.long, device=dev)
+        self.logits_indices = torch.arange(self.max_batch, dtype=torch.long, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = None
+        self.capture_s = 0.0
+
+    # -- capture ---------------------------------------------------------------------------------
+
+    def _meta(self, batch: int) -> AttentionMetadata:
+        max_len = self.runner.max_model_len
+        return AttentionMetadata(
+            slot_mapping=self.vectors[2, :batch], block_tables=self.block_tables[:batch],
+            context_lens=self.vectors[3, :batch], query_start=self.query_start[:batch + 1], num_decodes=batch,
+            max_decode_context_len=max_len, query_start_host=list(range(batch + 1)),
+            context_lens_host=[max_len] * batch, decode_split_len=self.runner.decode_split_len)
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        r = self.runner
+        return r.model(self.vectors[0, :batch], self.vectors[1, :batch], r.kv_caches, self._meta(batch),
+                       self.logits_indices[:batch])
+
+    def _fill_padding(self) -> None:
+        """Every row a padding row: token 0 at position 0, written to and reading the scratch slot."""
+        self.vectors[0].zero_()
+        self.vectors[1].zero_()
+        self.vectors[2].fill_(self.scratch_slot)
+        self.vectors[3].fill_(1)
+        self.block_tables.fill_(self.scratch_block)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.monotonic()
+        self._fill_padding()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            # Warm-up outside capture: Triton compiles, cuBLAS picks its kernels for each batch size.
+            for batch in self.sizes:
+                self._forward(batch)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        self.pool = torch.cuda.graph_pool_handle()
+        for batch in reversed(self.sizes):  # largest first: the smaller graphs reuse its pool memory
+            t = time.monotonic()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.outputs[batch] = self._forward(batch)
+            self.graphs[batch] = graph
+            logger.info("captured decode CUDA graph for batch %d in %.2f s", batch, time.monotonic() - t)
+        torch.cuda.synchronize(self.device)
+        self.capture_s = time.monotonic() - start
+        used = (free_before - torch.cuda.mem_get_info(self.device)[0]) / 2**20
+        logger.info("captured %d decode CUDA graphs (batch sizes %s) in %.1f s, %.0f MiB", len(self.graphs),
+                    ",".join(map(str, self.sizes)), self.capture_s, used)
+
+    # -- replay ----------------------------------------------------------------------------------
+
+    def can_run(self, chunks: list[ScheduledChunk]) -> bool:
+        return 0 < len(chunks) <= self.max_batch and all(c.num_tokens == 1 for c in chunks)
+
+    def run(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[Sequence]]:
+        """Replay the graph for a step of single-token chunks. Returns the logits of the rows that
+        sample (a view into the graph's output, valid until the next replay) and their sequences."""
+        n = len(chunks)
+        batch = self.sizes[bisect.bisect_left(self.sizes, n)]
+        bs = self.block_size
+        ids, positions, slots, ctx_lens = [], [], [], []
+        width = 1
+        for c in chunks:
+            table = c.seq.block_table
+            pos = c.start
+            ids.append(c.seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            ctx_lens.append(pos + 1)
+            width = max(width, len(table))
+        pad = batch - n
+        host = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad,
+                             ctx_lens + [1] * pad], dtype=torch.long)
+        tables = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks]
+                              + [[self.scratch_block] * width] * pad, dtype=torch.long)
+        # Columns past `width` keep stale ids: the kernel reads only the blocks below context_len.
+        self.vectors[:, :batch].copy_(host, non_blocking=True)
+        self.block_tables[:batch, :width].copy_(tables, non_blocking=True)
+        self.graphs[batch].replay()
+        logits = self.outputs[batch]
+        rows = [i for i, c in enumerate(chunks) if c.samples]
+        seqs = [chunks[i].seq for i in rows]
+        if len(rows) == n:
+            return logits[:n], seqs
+        return logits[torch.tensor(rows, dtype=torch.long, device=self.device)], seqs

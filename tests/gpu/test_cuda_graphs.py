@@ -1,0 +1,247 @@
+"""CUDA-graph decode steps and the Triton kernels they replay, on a GPU: the paged decode kernel and
+the fused norms against the PyTorch path, greedy output with graphs on identical to graphs off and
+to transformers (float32), batch invariance under graphs, padding rows confined to the scratch
+block, and bf16 logits of the Gemma 3 4B shapes against a float32 run on the same random weights."""
+
+import logging
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from gemma_serve.engine import attention
+from gemma_serve.engine.config import EngineConfig
+from gemma_serve.engine.llm_engine import LLMEngine
+from gemma_serve.engine.models import gemma
+from gemma_serve.engine.sampling_params import SamplingParams
+from gemma_serve.engine.scheduler import ScheduledChunk
+from gemma_serve.engine.sequence import Sequence
+
+from tests.engine.conftest import checkpoints, prompt  # noqa: F401  (checkpoints is a fixture)
+from tests.engine.test_batching import run_staggered
+
+pytestmark = pytest.mark.gpu
+
+REPO = Path(__file__).resolve().parents[2]
+GREEDY = dict(temperature=0.0)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def cuda_engine(folder, **overrides) -> LLMEngine:
+    config = dict(model=str(folder), device="cuda", dtype="float32", block_size=4, num_kv_blocks=512,
+                  max_num_batched_tokens=64, max_num_seqs=16)
+    config.update(overrides)
+    return LLMEngine(EngineConfig(**config))
+
+
+def count_replays(engine) -> list[int]:
+    """Wrap the engine's graph runner so the test can tell that decode steps were replayed."""
+    graphs = engine.runner.graphs
+    assert graphs is not None, "CUDA graphs were not captured"
+    counter = [0]
+    run = graphs.run
+
+    def counting(chunks):
+        counter[0] += 1
+        return run(chunks)
+
+    graphs.run = counting
+    return counter
+
+
+# -- kernels ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,tensor_cores", [(torch.float32, False), (torch.bfloat16, False),
+                                                (torch.bfloat16, True)])
+@pytest.mark.parametrize("heads,kv_heads,dim,page", [(4, 2, 16, 4), (8, 4, 256, 16), (4, 1, 128, 16), (2, 2, 64, 8)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (37, None), (5, 2.0)])
+def test_paged_decode_kernel_matches_pytorch_path(dtype, tensor_cores, heads, kv_heads, dim, page, window, softcap):
+    gen = torch.Generator(device="cuda").manual_seed(heads * dim + page)
+    num_blocks = 256
+    k_cache = torch.randn(num_blocks, page, kv_heads, dim, device="cuda", generator=gen).to(dtype)
+    v_cache = torch.randn(num_blocks, page, kv_heads, dim, device="cuda", generator=gen).to(dtype)
+    ctx = [1, 2, page, page + 1, 63, 64, 65, 200, 7 * page + 3]
+    perm = torch.randperm(num_blocks, device="cuda", generator=gen).tolist()
+    width = max(-(-c // page) for c in ctx)
+    tables = []
+    for c in ctx:
+        t = [perm.pop() for _ in range(-(-c // page))]
+        tables.append(t + [0] * (width - len(t)))
+    tables = torch.tensor(tables, device="cuda")
+    lens = torch.tensor(ctx, device="cuda")
+    q = torch.randn(len(ctx), heads, dim, device="cuda", generator=gen).to(dtype)
+    scale = dim ** -0.5
+    # Reference: the PyTorch path in float32 on the same (rounded) values.
+    ref = attention._decode(q.float(), k_cache.float(), v_cache.float(), tables, lens, max(ctx), scale, window,
+                            softcap)
+    outs = []
+    for split_len, max_len in ((64, max(ctx)), (64, 4096), (256, max(ctx)), (256, 4096)):
+        out = torch.full_like(q, float("nan"))
+        attention.paged_decode(q, k_cache, v_cache, tables, lens, max_len, scale, window, softcap, split_len, out,
+                               tensor_cores=tensor_cores)
+        assert not out.isnan().any()
+        assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 8e-3)
+        outs.append(out)
+    # The grid (sized by the longest context allowed) does not change any result.
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], outs[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norms_match_pytorch(dtype):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    norm = gemma.RMSNorm(256, 1e-6).to("cuda", dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(256, device="cuda", generator=gen) * 0.3)
+    qkv = torch.randn(5, 16 * 256, device="cuda", generator=gen).to(dtype)
+    q = qkv[:, :8 * 256].view(5, 8, 256)  # a strided view, as the model passes it
+    table = gemma.RotaryTable(256, 10000.0, 1.0, 64).to("cuda")
+    cos, sin = (t[:, None, :].to(dtype) for t in table(torch.tensor([0, 3, 17, 40, 63], device="cuda")))
+    x = torch.randn(7, 256, device="cuda", generator=gen).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    for inp in (x, q):
+        x32 = inp.float()
+        ref = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + norm.weight.float())).to(dtype)
+        assert rel_err(norm(inp), ref) < tol
+    fused = gemma._norm_rope_triton(q, norm.weight, norm.eps, cos, sin)
+    x32 = q.float()
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + norm.weight.float())).to(dtype)
+    assert rel_err(fused, gemma.apply_rotary(normed, cos, sin)) < tol
+
+
+# -- engine ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("generation", ["gemma1", "gemma2", "gemma3", "gemma3_mm"])
+def test_greedy_with_graphs_equals_without_and_transformers(checkpoints, generation, caplog):  # noqa: F811
+    folder, model = checkpoints[generation]
+    caplog.set_level(logging.INFO, logger="gemma_serve.engine.cuda_graphs")
+    on = cuda_engine(folder, max_num_batched_tokens=16)
+    assert "captured 5 decode CUDA graphs" in caplog.text
+    replays = count_replays(on)
+    off = cuda_engine(folder, max_num_batched_tokens=16, cuda_graphs=False)
+    assert off.runner.graphs is None
+    p = prompt(2, 21)
+    params = SamplingParams(max_tokens=32, **GREEDY)
+    ours = on.generate([p], params)[0]
+    assert replays[0] >= 30
+    assert ours == off.generate([p], params)[0]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([p]), max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+    assert ours == ref
+    assert len(set(ours)) > 3
+    # A batch of prompts of different lengths (padded graph batches of 3 -> 4, then fewer).
+    prompts = [prompt(5, 9), prompt(6, 30), prompt(7, 17)]
+    many = [SamplingParams(max_tokens=n, **GREEDY) for n in (12, 40, 25)]
+    assert on.generate(prompts, many) == off.generate(prompts, many)
+    assert on.block_manager.num_free_blocks == on.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("generation", ["gemma2", "gemma3"])
+def test_batch_invariance_under_graphs(checkpoints, generation):  # noqa: F811
+    folder, _ = checkpoints[generation]
+    target = (prompt(0, 23), SamplingParams(max_tokens=24, **GREEDY))
+    alone = cuda_engine(folder).generate([target[0]], target[1])[0]
+    assert alone == cuda_engine(folder, cuda_graphs=False).generate([target[0]], target[1])[0]
+    engine = cuda_engine(folder, max_num_batched_tokens=32)
+    replays = count_replays(engine)
+    rng = random.Random(0)
+    requests = {"target": target}
+    join_at = {"target": 3}
+    for i in range(7):
+        requests[f"other{i}"] = (prompt(100 + i, rng.randint(3, 40)),
+                                 SamplingParams(max_tokens=rng.randint(2, 30), temperature=rng.choice([0.0, 0.8]),
+                                                seed=i))
+        join_at[f"other{i}"] = rng.randint(0, 12)
+    outputs, running = run_staggered(engine, requests, join_at)
+    assert outputs["target"] == alone
+    assert max(running) >= 4 and replays[0] > 10
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_padding_rows_write_only_the_scratch_block(checkpoints):  # noqa: F811
+    folder, _ = checkpoints["gemma3"]
+    engine = cuda_engine(folder, num_kv_blocks=64)
+    runner = engine.runner
+    scratch = runner.graphs.scratch_block
+    assert scratch == engine.block_manager.num_blocks == 64 and runner.kv_caches[0][0].shape[0] == 65
+    for k, v in runner.kv_caches:
+        k.normal_()
+        v.normal_()
+    before = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
+    engine.generate([prompt(1, 5), prompt(2, 11), prompt(3, 7)], SamplingParams(max_tokens=6, **GREEDY))
+    held = set()
+    for (k0, v0), (k1, v1) in zip(before, runner.kv_caches):
+        held |= {int(b) for b in torch.nonzero(((k0 != k1) | (v0 != v1)).flatten(1).any(1)).flatten()}
+    assert scratch in held
+    # The three sequences need at most 3 + 5 + 4 blocks; nothing else changed.
+    assert len(held - {scratch}) <= 12
+
+
+# -- bf16 on the real shapes -----------------------------------------------------------------------
+
+
+def _teacher_forced_decode_logits(engine, prompts: list[list[int]], steps: int) -> list[torch.Tensor]:
+    """Prefill all but the last `steps` tokens of each prompt, then decode those tokens one step at a
+    time for all sequences together; returns each step's logits [len(prompts), vocab] in float32."""
+    runner, bm = engine.runner, engine.block_manager
+    seqs = [Sequence(f"s{i}", p, SamplingParams(max_tokens=1), i) for i, p in enumerate(prompts)]
+    out = []
+    with torch.inference_mode():
+        for seq in seqs:
+            bm.allocate(seq)
+            n = seq.num_tokens - steps
+            inputs = runner.prepare([ScheduledChunk(seq, 0, n)])
+            runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta, inputs.logits_indices)
+        for step in range(steps):
+            chunks = [ScheduledChunk(seq, seq.num_tokens - steps + step, 1) for seq in seqs]
+            if runner.graphs is not None:
+                assert runner.graphs.can_run(chunks)
+                runner.graphs.run(chunks)
+                batch = min(b for b in runner.graphs.sizes if b >= len(chunks))
+                logits = runner.graphs.outputs[batch][:len(chunks)]
+            else:
+                inputs = runner.prepare(chunks)
+                logits = runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta,
+                                      torch.arange(len(chunks), device=runner.device))
+            out.append(logits.float().clone())
+    for seq in seqs:
+        bm.free_blocks(seq)
+    return out
+
+
+def test_bf16_graph_logits_of_gemma3_4b_shapes_match_float32():
+    model = REPO / "bench" / "configs" / "gemma-3-4b-it"
+    common = dict(model=str(model), load_format="random", device="cuda", max_model_len=1024, num_kv_blocks=256,
+                  max_num_seqs=8, max_num_batched_tokens=1024)
+    bf16 = LLMEngine(EngineConfig(dtype="bfloat16", **common))
+    vocab = bf16.runner.model_config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, vocab - 10, (n,), generator=gen).tolist() for n in (20, 77, 300, 9, 130)]
+    steps = 6
+    graphed = _teacher_forced_decode_logits(bf16, prompts, steps)
+    bf16.runner.graphs = None
+    eager_bf16 = _teacher_forced_decode_logits(bf16, prompts, steps)
+    weights = {name: p.detach() for name, p in bf16.runner.model.named_parameters()}
+    del bf16
+    torch.cuda.empty_cache()
+    fp32 = LLMEngine(EngineConfig(dtype="float32", cuda_graphs=False, **common))
+    with torch.no_grad():
+        for name, p in fp32.runner.model.named_parameters():
+            p.copy_(weights[name])
+    del weights
+    reference = _teacher_forced_decode_logits(fp32, prompts, steps)
+    errs = [rel_err(g, r) for g, r in zip(graphed, reference)]
+    eager_errs = [rel_err(e, r) for e, r in zip(eager_bf16, reference)]
+    print(f"bf16 graphed vs fp32 rel err per step: {['%.2e' % e for e in errs]}; "
+          f"bf16 eager vs fp32: {['%.2e' % e for e in eager_errs]}")
+    # Graphs add no error of their own: the graphed steps are as close to float32 as the eager ones.
+    assert all(abs(g - e) < 2e-3 for g, e in zip(errs, eager_errs))
+    # bf16 itself is ~2e-2 away on these random weights (H100, 2026-11-22: 2.02e-2..2.09e-2 graphed
+    # and eager alike; the pure-PyTorch path on CPU: 2.2e-2), so 1e-2 is out of reach for any bf16
+    # run of this model; 3e-2 catches a broken kernel (which lands at O(1)).
+    assert max(errs) < 3e-2
