@@ -27,6 +27,10 @@ def _serve(args: argparse.Namespace) -> int:
     env["GEMMA_SERVE_MODEL"] = model
     if args.device:
         env["GEMMA_SERVE_DEVICE"] = args.device
+    if args.direct:
+        from gemma_serve.direct import serve_direct
+
+        return serve_direct(args.port, env)
     return dev_server.serve(args.port, env)
 
 
@@ -46,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--model", help="Hugging Face repo id or local folder (default: the tiny Gemma)")
     serve.add_argument("--device", help="auto | cpu | cuda")
+    serve.add_argument("--direct", action="store_true",
+                       help="the engine in this process behind the same API code, without the Truss server "
+                            "and Triton (the benchmark's baseline; see gemma_serve/direct.py)")
     serve.set_defaults(func=_serve)
 
     tiny = sub.add_parser("make-tiny-model", help="write the deterministic tiny Gemma 3 checkpoint")

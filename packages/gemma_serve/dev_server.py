@@ -4,6 +4,13 @@
 image does (`/app/main.py`, `/app/model`, `/app/data`, `/app/config.yaml`, `/packages`), installs the
 server's requirements into this interpreter, and runs `main.py`. The Truss's `load()` then starts
 tritonserver, so one process tree serves: Truss server -> gRPC -> tritonserver -> engine.
+
+On a machine without the `truss` package or a package index (a lent GPU machine), two variables stand in:
+`GEMMA_SERVE_TRUSS_SERVER=DIR` names a saved truss server (`python -m gemma_serve.dev_server export-server
+DIR`, run where truss is installed: truss's `server/` code and its normalized `config.yaml`), from which
+the context is assembled with this checkout's model/, data/, packages/ and config.yaml; and
+`GEMMA_SERVE_SKIP_SERVER_REQUIREMENTS=1` skips the pip install of the server's requirements (brought
+as wheels instead) and only checks that the server's modules import.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,11 +37,15 @@ BUILD_DIR = REPO_ROOT / "build"
 
 
 def build_context(truss_dir: Path = REPO_ROOT, build_dir: Path = BUILD_DIR) -> Path:
-    """`truss image build-context`: the Docker build context, written without Docker."""
+    """`truss image build-context`: the Docker build context, written without Docker (or assembled from
+    a saved truss server, see the module docstring)."""
     context = build_dir / "truss-context"
     if context.exists():
         shutil.rmtree(context)
     context.parent.mkdir(parents=True, exist_ok=True)
+    saved = os.environ.get(SAVED_SERVER_ENV)
+    if saved:
+        return assemble_context(Path(saved), context, truss_dir)
     truss = Path(sys.executable).parent / "truss"
     cmd = [str(truss) if truss.exists() else "truss", "image", "build-context", str(context), str(truss_dir)]
     env = {**os.environ, "TRUSS_SKIP_UPDATE_CHECK": "1"}
@@ -43,6 +55,65 @@ def build_context(truss_dir: Path = REPO_ROOT, build_dir: Path = BUILD_DIR) -> P
     return context
 
 
+SAVED_SERVER_ENV = "GEMMA_SERVE_TRUSS_SERVER"
+SKIP_REQUIREMENTS_ENV = "GEMMA_SERVE_SKIP_SERVER_REQUIREMENTS"
+
+
+def export_server(out_dir: Path, truss_dir: Path = REPO_ROOT) -> Path:
+    """Save what the context takes from truss (its `server/` code and normalized `config.yaml`), for
+    machines without truss: GEMMA_SERVE_TRUSS_SERVER=out_dir."""
+    saved = os.environ.pop(SAVED_SERVER_ENV, None)  # this must come from truss itself
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return _save(build_context(truss_dir, Path(tmp)), Path(out_dir))
+    finally:
+        if saved is not None:
+            os.environ[SAVED_SERVER_ENV] = saved
+
+
+def _save(context: Path, out_dir: Path) -> Path:
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(context / "server", out_dir / "server", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(context / "config.yaml", out_dir / "config.yaml")
+    return out_dir
+
+
+def _merged(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def assemble_context(saved: Path, context: Path, truss_dir: Path = REPO_ROOT) -> Path:
+    """The parts of a build context that `layout()` uses: the saved server, and this checkout's model/,
+    data/ and packages/; config.yaml is the saved normalized one with this checkout's values laid over
+    it (so model_metadata and the rest follow the checkout)."""
+    import yaml
+
+    if not (saved / "server" / "main.py").exists() or not (saved / "config.yaml").exists():
+        raise RuntimeError(f"{SAVED_SERVER_ENV}={saved} is not a saved truss server (server/main.py, config.yaml); "
+                           "make one with `python -m gemma_serve.dev_server export-server DIR`")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(saved / "server", context / "server", ignore=ignore)
+    for name in ("model", "data", "packages"):
+        shutil.copytree(truss_dir / name, context / name, ignore=ignore)
+    normalized = yaml.safe_load((saved / "config.yaml").read_text()) or {}
+    own = yaml.safe_load((truss_dir / "config.yaml").read_text()) or {}
+    (context / "config.yaml").write_text(yaml.safe_dump(_merged(normalized, own), sort_keys=False))
+    return context
+
+
+def check_server_imports(server_dir: Path) -> None:
+    """The truss server's modules import with this interpreter (its requirements are installed)."""
+    result = subprocess.run([sys.executable, "-c", "import truss_server"], cwd=server_dir, capture_output=True,
+                            text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{SKIP_REQUIREMENTS_ENV} is set, but the truss server's modules do not import "
+                           f"(bring its requirements, {server_dir / 'requirements.txt'}):\n{result.stderr[-3000:]}")
+
+
 def install_server_requirements(server_dir: Path | None = None) -> None:
     """The truss server's own requirements, as its Dockerfile installs them (from the installed truss's
     server template, which is what `build-context` copies)."""
@@ -50,6 +121,9 @@ def install_server_requirements(server_dir: Path | None = None) -> None:
         import truss
 
         server_dir = Path(truss.__file__).parent / "templates" / "server"
+    if os.environ.get(SKIP_REQUIREMENTS_ENV, "").lower() in ("1", "true", "yes"):
+        check_server_imports(server_dir)
+        return
     stamp = Path(sys.prefix) / ".gemma-serve-truss-server-requirements"
     reqs = (server_dir / "requirements.txt").read_text()
     if stamp.exists() and stamp.read_text() == reqs:
@@ -146,9 +220,16 @@ class DevServer:
         stop_recorded_server(self.triton_workdir / PID_FILE)
 
 
-if __name__ == "__main__":  # `python -m gemma_serve.dev_server install` (make install)
+if __name__ == "__main__":
+    # `python -m gemma_serve.dev_server` (make install): the server's requirements;
+    # `python -m gemma_serve.dev_server export-server DIR`: a saved truss server for machines without truss.
     logging.basicConfig(level=logging.INFO)
-    install_server_requirements()
+    if sys.argv[1:2] == ["export-server"] and len(sys.argv) == 3:
+        print(export_server(Path(sys.argv[2])))
+    elif len(sys.argv) == 1:
+        install_server_requirements()
+    else:
+        sys.exit("usage: python -m gemma_serve.dev_server [export-server DIR]")
 
 
 def serve(port: int, env: dict[str, str]) -> int:

@@ -8,9 +8,12 @@ setting without editing the config.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from gemma_serve.api.images import ImageLimits
 
 ENV_PREFIX = "GEMMA_SERVE_"
 
@@ -33,7 +36,8 @@ class ServingSettings(BaseModel):
     engine: Literal["portable", "tensorrt_llm", "auto"] = "portable"
     device: str = "auto"
     dtype: str = "auto"
-    quantization: Literal["none", "int8"] = "none"
+    # Weight-only, per-output-channel scales; "fp8" needs a GPU of compute capability 8.9+.
+    quantization: Literal["none", "int8", "fp8"] = "none"
     # "random": real shapes from config.json, random weights (GPU benchmarks without downloads).
     load_format: Literal["auto", "random"] = "auto"
     block_size: int = Field(16, ge=1)
@@ -45,6 +49,10 @@ class ServingSettings(BaseModel):
     max_queue_len: int = Field(4096, ge=1)
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True
+    # Where the engine runs. "triton": in tritonserver, reached over gRPC (the product). "inprocess":
+    # in this process behind the same API pipeline, no Triton hop (`serve --direct`, the benchmark's
+    # baseline for what the serving layers cost; see gemma_serve/direct.py).
+    backend: Literal["triton", "inprocess"] = "triton"
 
     # --- TensorRT-LLM engine (production; see docs/production.md) ---
     # Hugging Face repo id or local folder of an engine built by build_engine.sh (engine_build.json).
@@ -65,6 +73,16 @@ class ServingSettings(BaseModel):
     max_model_len: int | None = Field(None, ge=16)
     default_max_tokens: int = Field(256, ge=1)
 
+    # --- images (portable engine, Gemma 3 checkpoints with a vision tower) ---
+    # 0 refuses image inputs.
+    max_images_per_request: int = Field(8, ge=0)
+    max_image_bytes: int = Field(20 * 2**20, ge=1)
+    max_image_pixels: int = Field(50_000_000, ge=1)
+    image_fetch_timeout_s: float = Field(10.0, gt=0)
+    # Let http(s) image URLs point at loopback / private / link-local addresses (local development and
+    # tests). Off: a caller could otherwise make the server read its own network.
+    image_fetch_allow_private: bool = False
+
     # --- Triton process ---
     # 0 picks a free port (tests, several servers on one machine).
     triton_grpc_port: int = Field(8001, ge=0)
@@ -80,6 +98,14 @@ class ServingSettings(BaseModel):
         if self.tokenizer_repository and not self.tokenizer:
             self.tokenizer = self.tokenizer_repository
         return self
+
+    @property
+    def image_limits(self) -> "ImageLimits":
+        from gemma_serve.api.images import ImageLimits
+
+        return ImageLimits(max_images=self.max_images_per_request, max_bytes=self.max_image_bytes,
+                           max_pixels=self.max_image_pixels, fetch_timeout_s=self.image_fetch_timeout_s,
+                           allow_private_networks=self.image_fetch_allow_private)
 
     @property
     def tokenizer_path(self) -> str:

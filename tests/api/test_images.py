@@ -18,6 +18,7 @@ from gemma_serve.api.errors import APIError
 from gemma_serve.api.images import (
     ImageCache,
     ImageLimits,
+    ImageRef,
     ImagePreprocessor,
     ImageTokenLayout,
     PreprocessConfig,
@@ -85,7 +86,7 @@ def config(tiny_model_dir) -> PreprocessConfig:
 
 
 LIMITS = ImageLimits(max_images=4, max_bytes=64 * 1024, max_pixels=4_000_000, fetch_timeout_s=0.5,
-                     max_redirects=3)
+                     max_redirects=3, allow_private_networks=True)  # the test server is on loopback
 
 
 @pytest.fixture(scope="module")
@@ -403,3 +404,14 @@ def test_expansion_refuses_placeholders_without_images(tiny_tokenizer, layout):
         expand_image_tokens(soft, tiny_tokenizer, layout, num_images=0)
     plain = tiny_tokenizer.encode_chat([{"role": "user", "content": "hi"}])
     assert expand_image_tokens(plain, tiny_tokenizer, layout, num_images=0).ids == plain
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/a.png", "http://localhost/a.png", "http://[::1]/a.png",
+                                 "http://169.254.169.254/latest/meta-data", "http://10.1.2.3/a.png",
+                                 "https://192.168.0.1/a.png"])
+async def test_non_public_addresses_are_refused_by_default(config, url):
+    pre = ImagePreprocessor(config, ImageLimits(fetch_timeout_s=2.0))
+    with pytest.raises(APIError) as info:
+        await pre.prepare([ImageRef(1, 0, 0, url)])
+    assert info.value.status == 400 and "non-public address" in info.value.message
+

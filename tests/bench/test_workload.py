@@ -42,3 +42,25 @@ def test_exact_lengths_with_a_tokenizer(tiny_model_dir):
     for p in prompts:
         assert p.exact and p.input_tokens == 50
         assert len(tokenizer.encode(p.text, add_special_tokens=False)) == 50
+
+
+def test_image_prompts_are_seeded_distinct_and_sent_as_image_parts(tmp_path):
+    from gemma_serve.bench.workload import ImageSource
+
+    a = WorkloadGenerator(16, seed=3, images_per_request=2, image_source=ImageSource(size=32, seed=3)).prompts(3)
+    assert a == WorkloadGenerator(16, seed=3, images_per_request=2,
+                                  image_source=ImageSource(size=32, seed=3)).prompts(3)
+    urls = [u for p in a for u in p.images]
+    assert len(urls) == 6 and len(set(urls)) == 6 and all(u.startswith("data:image/png;base64,") for u in urls)
+    body = get_endpoint("chat").body(a[0], "m", 4, False)
+    parts = body["messages"][-1]["content"]
+    assert parts[0] == {"type": "text", "text": a[0].text}
+    assert [p["image_url"]["url"] for p in parts[1:]] == list(a[0].images)
+    # A folder of images, cycled in a seeded order.
+    for name in ("b.png", "a.jpg", "notes.txt"):
+        (tmp_path / name).write_bytes(ImageSource(size=8).generate(len(name)))
+    source = ImageSource(tmp_path, seed=0)
+    assert len(source.files) == 2 and source.data_url(0) == source.data_url(2)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        ImageSource(tmp_path / "empty")

@@ -55,6 +55,10 @@ def stack(tiny_model_dir, tmp_path_factory):
         "GEMMA_SERVE_TRITON_HTTP_PORT": "0",
         "GEMMA_SERVE_TRITON_METRICS_PORT": str(metrics_port),
         "GEMMA_SERVE_CPU_KV_CACHE_TOKENS": "16384",
+        # Image limits small enough to reach in a test; http image URLs from a loopback test server.
+        "GEMMA_SERVE_MAX_IMAGES_PER_REQUEST": "4",
+        "GEMMA_SERVE_MAX_IMAGE_BYTES": str(1 << 20),
+        "GEMMA_SERVE_IMAGE_FETCH_ALLOW_PRIVATE": "1",
     })
     server.prepare()
     server.start()

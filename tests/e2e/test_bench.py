@@ -51,3 +51,14 @@ def test_other_endpoints(stack, endpoint):
         assert result.metrics.successful == 6 and result.notes
     else:
         check_consistent(result, 6)
+
+
+def test_images_through_the_stack_report_images_per_second(stack, tiny_tokenizer):
+    result = run_benchmark(BenchConfig(base_url=stack.url, schedule=load_shapes.fixed_concurrency(2, 4),
+                                       endpoint="chat", input_len=16, output_len=4, ignore_eos=True,
+                                       timeout_s=60, monitor_gpu=False, images_per_request=2, image_size=64))
+    check_consistent(result, 4)
+    m = result.metrics
+    assert m.images == 8 and m.image_throughput == pytest.approx(8 / m.wall_s, rel=1e-6)
+    # The server counts each image's tokens in the prompt: far more than 16 text tokens per request.
+    assert m.prompt_tokens_per_request.min > 2 * 64

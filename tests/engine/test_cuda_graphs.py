@@ -1,6 +1,7 @@
 """The decode-graph runner's bookkeeping (padding to the batch ladder, static buffers, scratch block,
 stale block-table columns), checked on CPU: the 'graph' replays the same static-shape forward
-eagerly. The real capture and replay are checked on a GPU in tests/gpu/test_cuda_graphs.py."""
+eagerly. The real capture and replay are checked on a GPU in tests/gpu/test_cuda_graphs.py. The engines here are
+built with cuda_graphs=False so that, on a GPU too, only the simulated graphs run."""
 
 import random
 
@@ -56,9 +57,9 @@ def test_padded_static_decode_steps_give_the_same_outputs(checkpoints, generatio
                           SamplingParams(max_tokens=rng.randint(5, 30), temperature=rng.choice([0.0, 0.7]), seed=i))
                 for i in range(7)}
     join_at = {rid: rng.randint(0, 10) for rid in requests}
-    expected, _ = run_staggered(engine_for(folder, max_num_batched_tokens=32), requests, join_at)
+    expected, _ = run_staggered(engine_for(folder, max_num_batched_tokens=32, cuda_graphs=False), requests, join_at)
 
-    engine = engine_for(folder, max_num_batched_tokens=32)
+    engine = engine_for(folder, max_num_batched_tokens=32, cuda_graphs=False)
     graphs = simulated_graphs(engine)
     sentinel = [(k.clone(), v.clone()) for k, v in engine.runner.kv_caches]
     outputs, running = run_staggered(engine, requests, join_at)
@@ -78,7 +79,7 @@ def test_padded_static_decode_steps_give_the_same_outputs(checkpoints, generatio
 
 def test_steps_with_prefill_chunks_or_too_many_rows_run_eagerly(checkpoints):
     folder, _ = checkpoints["gemma3"]
-    engine = engine_for(folder, max_num_seqs=4, max_num_batched_tokens=16)
+    engine = engine_for(folder, max_num_seqs=4, max_num_batched_tokens=16, cuda_graphs=False)
     graphs = simulated_graphs(engine)
     engine.add_request("a", prompt(1, 9), SamplingParams(max_tokens=4, temperature=0.0))
     chunks = engine.scheduler.schedule()

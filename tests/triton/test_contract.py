@@ -49,3 +49,30 @@ def test_output_chunk_round_trip():
     back = contract.chunk_from_tensors(tensors["output_ids"], tensors["sequence_length"], tensors["output_log_probs"])
     assert back.token_ids == [4, 5, 6] and back.sequence_length == 10
     assert np.allclose(back.logprobs, chunk.logprobs)
+
+
+def test_images_round_trip_through_tensors():
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    request = GenerationRequest(input_ids=[2, 7, 9, 9, 8], max_tokens=3, end_id=1,
+                                pixel_values=pixels, image_hashes=["ab" * 32, "cd" * 32])
+    tensors = contract.to_tensors(request)
+    assert tensors["pixel_values"].shape == (1, 2, 3, 8, 8)
+    assert tensors["image_hashes"].dtype == object and tensors["image_hashes"].shape == (1, 2)
+    back = contract.from_tensors(tensors)
+    assert back.num_images == 2 and back.image_hashes == request.image_hashes
+    assert np.array_equal(back.pixel_values, pixels)
+    # A text request sends no image tensors at all (so the TensorRT-LLM model never sees them).
+    assert "pixel_values" not in contract.to_tensors(GenerationRequest(input_ids=[1], max_tokens=1, end_id=1))
+
+
+def test_image_tensors_must_agree():
+    base = {"input_ids": np.array([[1, 2]], np.int32), "input_lengths": np.array([[2]], np.int32),
+            "request_output_len": np.array([[1]], np.int32)}
+    pixels = np.zeros((1, 2, 3, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="image_hashes"):
+        contract.from_tensors({**base, "pixel_values": pixels,
+                               "image_hashes": np.array([[b"a"]], dtype=object)})
+    with pytest.raises(ValueError, match=r"\[images, 3"):
+        contract.from_tensors({**base, "pixel_values": np.zeros((1, 2, 4, 4), np.float32)})
+    with pytest.raises(ValueError, match="without pixel_values"):
+        contract.from_tensors({**base, "image_hashes": np.array([[b"a"]], dtype=object)})

@@ -21,8 +21,9 @@ def test_portable_repository_parses_with_tritons_schema_and_matches_the_contract
     assert config.model_transaction_policy.decoupled
     assert config.max_batch_size == 32
     declared = {i.name: (model_config_pb2.DataType.Name(i.data_type), tuple(i.dims)) for i in config.input}
-    expected = {s.name: ("TYPE_" + s.data_type, s.dims) for s in contract.INPUTS}
+    expected = {s.name: (s.config_type, s.dims) for s in contract.INPUTS + contract.IMAGE_INPUTS}
     assert declared == expected
+    assert declared["image_hashes"][0] == "TYPE_STRING"
     required = {i.name for i in config.input if not i.optional}
     assert required == {s.name for s in contract.INPUTS if not s.optional}
     engine = json.loads(config.parameters["engine_config"].string_value)

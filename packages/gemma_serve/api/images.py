@@ -19,8 +19,6 @@ import binascii
 import hashlib
 import io
 import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -29,6 +27,7 @@ from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 import numpy as np
 
 from gemma_serve.api.errors import APIError, invalid
+from gemma_serve.bounded_lru import BoundedLRU
 
 if TYPE_CHECKING:
     import httpx
@@ -55,6 +54,10 @@ class ImageLimits:
     max_pixels: int = 50_000_000  # ~150 MB as 8-bit RGB while decoding; a 48 MP phone photo fits
     fetch_timeout_s: float = 10.0  # the whole fetch, redirects and body included
     max_redirects: int = 3
+    # Fetch from loopback, private, link-local and other non-public addresses. Off by default: a
+    # server that fetches any URL it is given would otherwise let a caller read the deployment's own
+    # network (cloud metadata endpoints, internal services). On for local development and tests.
+    allow_private_networks: bool = False
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,8 @@ async def _fetch(url: str, limits: ImageLimits, client: "httpx.AsyncClient") -> 
     current = url
     for _ in range(limits.max_redirects + 1):
         _check_fetch_scheme(current, redirected_from=None if current == url else url)
+        if not limits.allow_private_networks:
+            await _check_public_host(current)
         async with client.stream("GET", current, follow_redirects=False,
                                  headers={"Accept": "image/*"}) as response:
             if response.status_code in _REDIRECTS:
@@ -281,6 +286,31 @@ def _check_fetch_scheme(url: str, redirected_from: str | None) -> None:
                          "image_fetch_failed")
     raise ImageError(f"unsupported URL scheme {scheme + ':' if scheme else '(none)'}; give an http(s) URL "
                      "or a data: URL", "invalid_image_url")
+
+
+async def _check_public_host(url: str) -> None:
+    """Refuse a URL whose host is, or resolves to, a non-public address (checked on every redirect hop).
+    A DNS answer that changes between this check and the connection can still slip through; the
+    deployment's network policy is the real fence, this keeps the obvious doors shut."""
+    import ipaddress
+    import socket
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError as exc:
+        raise ImageError(f"malformed URL {url!r} ({exc})", "invalid_image_url") from None
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ImageError(f"{url} could not be fetched (cannot resolve {host!r}: {exc})",
+                         "image_fetch_failed") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+        if not address.is_global or address.is_multicast:
+            raise ImageError(f"{url} resolves to a non-public address ({address}); this server fetches only "
+                             "public URLs", "image_url_not_allowed")
 
 
 # --- bytes to pixels ---------------------------------------------------------------------------------
@@ -368,56 +398,17 @@ class _Entry:
     size: tuple[int, int]
 
 
-class ImageCache:
+class ImageCache(BoundedLRU[_Entry]):
     """LRU cache of preprocessed images keyed by the sha256 of their bytes, bounded by entry count and
     by the arrays' bytes. One cache belongs to one PreprocessConfig (the key does not include it).
     Thread-safe; cached arrays are read-only, as every request holding one shares it."""
 
     def __init__(self, max_entries: int = 64, max_bytes: int = 256 * 2**20) -> None:
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        super().__init__(max_entries, max_bytes, lambda entry: entry.pixel_values.nbytes)
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def nbytes(self) -> int:
-        return self._bytes
-
-    def get(self, digest: str) -> _Entry | None:
-        with self._lock:
-            entry = self._entries.get(digest)
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end(digest)
-            self.hits += 1
-            return entry
-
-    def put(self, digest: str, pixel_values: np.ndarray, size: tuple[int, int]) -> None:
+    def put(self, digest: str, pixel_values: np.ndarray, size: tuple[int, int]) -> None:  # type: ignore[override]
         pixel_values.setflags(write=False)
-        if pixel_values.nbytes > self.max_bytes or self.max_entries <= 0:
-            return
-        with self._lock:
-            old = self._entries.pop(digest, None)
-            if old is not None:
-                self._bytes -= old.pixel_values.nbytes
-            self._entries[digest] = _Entry(pixel_values, size)
-            self._bytes += pixel_values.nbytes
-            while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.pixel_values.nbytes
-                self.evictions += 1
-
-    def stats(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
-                "entries": len(self._entries), "bytes": self._bytes}
+        super().put(digest, _Entry(pixel_values, size))
 
 
 # --- the request-level entry point -------------------------------------------------------------------

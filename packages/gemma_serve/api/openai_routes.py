@@ -12,11 +12,13 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gemma_serve.api import errors
+from gemma_serve.api.chat_prompt import ChatPrompt
+from gemma_serve.api.images import PreparedImage
 from gemma_serve.api.openai_schemas import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     ChatChoice,
@@ -100,16 +102,17 @@ async def run_choices(pipeline: GenerationPipeline, groups: list[list[Prepared]]
 
 class OpenAIRoutes:
     def __init__(self, pipeline: GenerationPipeline, model_name: str,
-                 encode_chat: Callable[[list], list[int]]) -> None:
+                 chat_prompt: Callable[[list], Awaitable[ChatPrompt]]) -> None:
         self.pipeline = pipeline
         self.model_name = model_name
-        self._encode_chat = encode_chat
+        self._chat_prompt = chat_prompt
 
     # --- chat --------------------------------------------------------------------------------
 
     async def chat(self, body: ChatCompletionRequest) -> Response:
-        prompt_ids = self._encode_chat(body.messages)
-        groups = [self._choices(prompt_ids, body, body.requested_max_tokens, body.logprobs)]
+        prompt = await self._chat_prompt(body.messages)
+        prompt_ids = prompt.ids
+        groups = [self._choices(prompt_ids, body, body.requested_max_tokens, body.logprobs, prompt.images)]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         events = run_choices(self.pipeline, groups)
         if body.stream:
@@ -215,11 +218,11 @@ class OpenAIRoutes:
 
     # --- shared ------------------------------------------------------------------------------
 
-    def _choices(self, prompt_ids: list[int], body: OpenAIFields, max_tokens: int | None, logprobs: bool
-                 ) -> list[Prepared]:
+    def _choices(self, prompt_ids: list[int], body: OpenAIFields, max_tokens: int | None, logprobs: bool,
+                 images: list[PreparedImage] | None = None) -> list[Prepared]:
         # Distinct seeds per choice, so n > 1 gives n samples yet stays reproducible with a seed.
         return [self.pipeline.prepare(prompt_ids, body, max_tokens=max_tokens, logprobs=logprobs,
-                                      seed=None if body.seed is None else body.seed + i)
+                                      seed=None if body.seed is None else body.seed + i, images=images or ())
                 for i in range(body.n)]
 
 

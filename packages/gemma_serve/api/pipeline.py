@@ -7,10 +7,13 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal
+from typing import AsyncIterator, Literal, Sequence
+
+import numpy as np
 
 from gemma_serve.api import errors
 from gemma_serve.api.detokenizer import IncrementalDetokenizer
+from gemma_serve.api.images import PreparedImage
 from gemma_serve.api.schemas import SamplingFields
 from gemma_serve.api.stop_strings import StopStringMatcher
 from gemma_serve.api.tokenizer import Tokenizer
@@ -63,8 +66,10 @@ class GenerationPipeline:
         return self.tokenizer.info.max_model_len
 
     def prepare(self, prompt_ids: list[int], fields: SamplingFields, *, max_tokens: int | None = None,
-                seed: int | None = None, logprobs: bool = False) -> Prepared:
-        """Check the request against the context window and build the contract request."""
+                seed: int | None = None, logprobs: bool = False, images: Sequence[PreparedImage] = ()
+                ) -> Prepared:
+        """Check the request against the context window and build the contract request. `prompt_ids`
+        already hold the image tokens of `images` (chat_prompt.py)."""
         info = self.tokenizer.info
         n_prompt = len(prompt_ids)
         if n_prompt == 0:
@@ -104,6 +109,8 @@ class GenerationPipeline:
             min_tokens=fields.min_tokens,
             stop_sequences=[[i] for i in stop_ids[1:]],
             logprobs=logprobs,
+            pixel_values=np.stack([image.pixel_values for image in images]) if images else None,
+            image_hashes=[image.hash for image in images],
         )
         return Prepared(request, fields.stop_strings)
 

@@ -19,10 +19,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from gemma_serve.api import errors
+from gemma_serve.api.chat_prompt import ChatPrompt, ChatPromptBuilder, ImageSupport
 from gemma_serve.api.openai_routes import OpenAIRoutes
 from gemma_serve.api.openai_schemas import ChatCompletionRequest, CompletionRequest
 from gemma_serve.api.pipeline import Finished, GenerationPipeline, TextDelta
-from gemma_serve.api.schemas import Message, PredictRequest
+from gemma_serve.api.schemas import PredictRequest
 from gemma_serve.api.tokenizer import Tokenizer
 from gemma_serve.settings import ServingSettings
 from gemma_serve.triton import trtllm_engine
@@ -54,40 +55,25 @@ def parse(model: type, payload: Any):
         raise errors.from_validation_error(exc) from exc
 
 
-def messages_for_template(messages: list[Message]) -> list[dict]:
-    """Chat messages as the Gemma template expects them; images are refused until the engine takes them."""
-    out = []
-    for m in messages:
-        role = "system" if m.role == "developer" else m.role
-        if m.content is None or isinstance(m.content, str):
-            out.append({"role": role, "content": m.content or ""})
-            continue
-        parts = []
-        for i, part in enumerate(m.content):
-            if part.type != "text":
-                raise errors.invalid("image inputs are not supported by this deployment yet",
-                                     param=f"messages.content.{i}", code="unsupported_content")
-            parts.append({"type": "text", "text": part.text})
-        out.append({"role": role, "content": parts})
-    return out
-
-
 class GemmaService:
     def __init__(self, settings: ServingSettings, tokenizer: Tokenizer, server: TritonServer | None,
-                 client: TritonClient) -> None:
+                 client: TritonClient, images: ImageSupport | None = None,
+                 no_images_reason: str = "the model has no vision tower") -> None:
         self.settings = settings
         self.tokenizer = tokenizer
         self.server = server
         self.client = client
         self.pipeline = GenerationPipeline(tokenizer, client, settings.default_max_tokens)
-        self.openai = OpenAIRoutes(self.pipeline, settings.model_name,
-                                   lambda messages: tokenizer.encode_chat(messages_for_template(messages)))
+        self.chat_prompt = ChatPromptBuilder(tokenizer, images, no_images_reason)
+        self.openai = OpenAIRoutes(self.pipeline, settings.model_name, self.chat_prompt.build)
 
     @classmethod
     def start(cls, settings: ServingSettings, hf_token: str | None = None, data_dir: Path | None = None
               ) -> "GemmaService":
         """Load the tokenizer, render the model repository, start tritonserver and wait for the model."""
         if trtllm_engine.resolve_engine(settings) == "tensorrt_llm":
+            if settings.backend == "inprocess":
+                raise ValueError("backend 'inprocess' runs the portable engine; TensorRT-LLM runs in Triton")
             # Check and fetch the engine first (fails fast), then the tokenizer, then the slow start.
             engine = trtllm_engine.prepare(settings, hf_token)
             tokenizer = Tokenizer.load(engine.tokenizer_source, hf_token, engine.tokenizer_revision,
@@ -95,8 +81,16 @@ class GemmaService:
             server = trtllm_engine.start_server(settings, engine, data_dir)
             logger.info("serving %s through tritonserver at %s (metrics %s)", settings.engine_repository,
                         server.grpc_url, server.metrics_url)
-            return _started(cls, settings, tokenizer, server, TENSORRT_LLM_MODEL)
+            return _started(cls, settings, tokenizer, server, TENSORRT_LLM_MODEL, None,
+                            "the TensorRT-LLM engine serves text only (see docs/production.md)")
         tokenizer = Tokenizer.load(settings.tokenizer_path, hf_token, settings.revision, settings.max_model_len)
+        images, no_images_reason = _image_support(settings, tokenizer)
+        if settings.backend == "inprocess":
+            # The same pipeline over the engine in this process, no Triton hop (gemma_serve/direct.py).
+            from gemma_serve.direct import InProcessEngineClient
+
+            return cls(settings, tokenizer, None, InProcessEngineClient.start(settings, hf_token), images,
+                       no_images_reason)
         workdir = Path(settings.workdir) if settings.workdir else Path(tempfile.mkdtemp(prefix="gemma-serve-"))
         # Truss hands the model its data_dir (/app/data in the image); the repository's data/ otherwise.
         repository = render_portable_repository(settings, workdir / "model_repository",
@@ -111,11 +105,14 @@ class GemmaService:
         server.start()
         logger.info("serving %s through tritonserver at %s (metrics %s)", settings.model, server.grpc_url,
                     server.metrics_url)
-        return _started(cls, settings, tokenizer, server, PORTABLE_MODEL)
+        return _started(cls, settings, tokenizer, server, PORTABLE_MODEL, images, no_images_reason)
 
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
+        stop_engine = getattr(self.client, "stop", None)  # the in-process engine (backend inprocess)
+        if stop_engine is not None:
+            stop_engine()
 
     # --- routes: each parses its own body so every error gets the same JSON error body -----------
 
@@ -134,10 +131,10 @@ class GemmaService:
     async def _predict(self, request: Request) -> Response:
         body = parse(PredictRequest, await read_json(request))
         if body.messages is not None:
-            prompt_ids = self.tokenizer.encode_chat(messages_for_template(body.messages))
+            prompt = await self.chat_prompt.build(body.messages)
         else:
-            prompt_ids = self.tokenizer.encode_prompt(body.prompt)
-        prepared = self.pipeline.prepare(prompt_ids, body)
+            prompt = ChatPrompt(self.tokenizer.encode_prompt(body.prompt))
+        prepared = self.pipeline.prepare(prompt.ids, body, images=prompt.images)
         events = self.pipeline.stream(prepared, request.headers.get("x-request-id") or uuid.uuid4().hex)
         if body.stream:
             first = await _first_event(events)
@@ -153,12 +150,22 @@ class GemmaService:
                              "usage": finished.usage, "model": self.settings.model_name})
 
 
-def _started(cls, settings: ServingSettings, tokenizer: Tokenizer, server: TritonServer, model_name: str
-             ) -> "GemmaService":
+def _image_support(settings: ServingSettings, tokenizer: Tokenizer) -> tuple[ImageSupport | None, str]:
+    """Images are taken when the checkpoint has a vision tower and the settings allow any."""
+    if settings.max_images_per_request == 0:
+        return None, "max_images_per_request is 0"
+    if tokenizer.folder is None:
+        return None, "the checkpoint folder is unknown"
+    support = ImageSupport.from_checkpoint(tokenizer.folder, tokenizer, settings.image_limits)
+    return support, "the model has no vision tower"
+
+
+def _started(cls, settings: ServingSettings, tokenizer: Tokenizer, server: TritonServer, model_name: str,
+             images: ImageSupport | None, no_images_reason: str) -> "GemmaService":
     """Wire the service to a running server; if that fails, stop the server, since Truss retries a
     failed load() and would otherwise leave one tritonserver behind per attempt."""
     try:
-        return cls(settings, tokenizer, server, TritonClient(server.grpc_url, model_name))
+        return cls(settings, tokenizer, server, TritonClient(server.grpc_url, model_name), images, no_images_reason)
     except BaseException:
         server.stop()
         raise

@@ -43,9 +43,11 @@ class TokenizerInfo:
 
 
 class Tokenizer:
-    def __init__(self, hf_tokenizer: Any, info: TokenizerInfo) -> None:
+    def __init__(self, hf_tokenizer: Any, info: TokenizerInfo, folder: Path | None = None) -> None:
         self.hf = hf_tokenizer
         self.info = info
+        # The checkpoint folder it came from (config.json, preprocessor_config.json live there too).
+        self.folder = folder
         template = getattr(hf_tokenizer, "chat_template", None)
         self._template = template if template else FALLBACK_TEMPLATE.read_text()
 
@@ -56,7 +58,7 @@ class Tokenizer:
 
         folder = resolve_model_dir(name_or_path, token, revision)
         hf = AutoTokenizer.from_pretrained(str(folder))
-        return cls(hf, _info(folder, hf, max_model_len))
+        return cls(hf, _info(folder, hf, max_model_len), folder)
 
     def encode_prompt(self, text: str) -> list[int]:
         """Raw completion prompt: BOS + text, as the model was trained."""

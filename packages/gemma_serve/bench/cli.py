@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--num-requests", type=int,
                       help="requests per run (default 100; burst 10; stress = --concurrency; "
                            "sustained/rampup: rate x duration, this caps it)")
+    load.add_argument("--rounds", type=float,
+                      help="sweep: each level sends at least this many times its concurrency in requests "
+                           "(--num-requests is then the floor), so high levels run long enough to be steady")
     load.add_argument("--duration", type=float,
                       help="seconds: sustained/rampup length (default 15); elsewhere a cap on the release "
                            f"window (default {DEFAULT_WINDOW_S:g})")
@@ -89,6 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="send ignore_eos and min_tokens=output-len: exactly output-len tokens each")
     work.add_argument("--dataset", help="JSONL with a 'prompt' or 'messages' field per row")
     work.add_argument("--tokenizer", help="tokenizer folder (or HF id) for exact token counts")
+    work.add_argument("--images-per-request", type=int, default=0,
+                      help="image parts per request (chat and predict endpoints; Gemma 3 with vision)")
+    work.add_argument("--image-dir", help="send these images (png/jpg/webp/gif); default: generated ones")
+    work.add_argument("--image-size", type=int, default=896, help="side of generated images in pixels")
     work.add_argument("--seed", type=int, default=0,
                       help="prompts and Poisson arrivals (run i of a sweep: seed+i)")
 
@@ -112,7 +119,8 @@ def build_schedules(args: argparse.Namespace) -> list[Schedule]:
     if mode == "concurrency":
         shapes = [load_shapes.fixed_concurrency(args.concurrency or 1, n or 100)]
     elif mode == "sweep":
-        shapes = [load_shapes.fixed_concurrency(c, n or 100) for c in (args.sweep or _ints(DEFAULT_SWEEP))]
+        shapes = [load_shapes.fixed_concurrency(c, max(n or 100, round(args.rounds * c)) if args.rounds else n or 100)
+                  for c in (args.sweep or _ints(DEFAULT_SWEEP))]
     elif mode == "rate":
         shapes = [load_shapes.poisson_rate(args.rate, n or 100, args.seed) if args.poisson
                   else load_shapes.constant_rate(args.rate, n or 100)]
@@ -136,7 +144,8 @@ def _config(args: argparse.Namespace, schedule: Schedule, index: int) -> BenchCo
         # A fresh seed per run: the same prompts again would hit the server's prefix cache.
         seed=args.seed + index, timeout_s=args.timeout, price_per_hour=args.price_per_hour,
         currency=args.currency, extra_body=args.extra_body, progress=args.progress,
-        monitor_gpu=args.gpu_monitor)
+        monitor_gpu=args.gpu_monitor, images_per_request=args.images_per_request, image_dir=args.image_dir,
+        image_size=args.image_size)
 
 
 def write_reports(results: list[BenchResult], out_dir: Path, plots: bool = True) -> list[Path]:

@@ -40,6 +40,7 @@ class RequestRecord:
     usage_source: str | None = None  # server | tokenizer | chunks: where completion_tokens came from
     finish_reason: str | None = None
     output_chars: int = 0
+    images: int = 0  # image parts the request carried
 
     def fail(self, error: str) -> None:
         self.status = ERROR

@@ -8,11 +8,15 @@ Workloads (random weights with the real shapes unless --load-format auto):
   W2  throughput: 1024 requests x (512 in, 256 out), at most 256 running; output/total tok/s, TTFT, ITL
   W3  baseline: 128 requests x (128 in, 128 out) through this engine, transformers generate() and
       transformers generate_batch(), so the ratio is measured side by side
+
+W1 and W2 run once per `--quantization` (default bf16 and weight-only INT8, one engine after the
+other), each against its own bound (INT8 reads half the linear layers' bytes); W3 runs on the first.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -24,6 +28,7 @@ import torch
 
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.llm_engine import LLMEngine
+from gemma_serve.engine.quantization import model_weight_bytes, model_weight_count
 from gemma_serve.engine.sampling_params import SamplingParams
 
 
@@ -48,6 +53,7 @@ class WorkloadResult:
     itl_ms_p99: float
     bound_tok_s: float | None = None
     extra: dict = field(default_factory=dict)
+    quantization: str = "none"
 
 
 def _sync() -> None:
@@ -87,7 +93,8 @@ def measure_ceilings() -> Ceilings:
 
 
 def _param_bytes(engine: LLMEngine) -> int:
-    return sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+    """Weight bytes a decode step reads: parameters, plus 8-bit matrices and scales when quantized."""
+    return model_weight_bytes(engine.runner.model)
 
 
 def _kv_bytes_per_token(engine: LLMEngine) -> int:
@@ -99,7 +106,7 @@ def _kv_bytes_per_token(engine: LLMEngine) -> int:
 def decode_bound(engine: LLMEngine, ceil: Ceilings, batch: int, avg_context: int) -> float:
     """Tokens/s that bandwidth (weights + KV read once per step) and matmul rate allow at this batch."""
     step_bytes = _param_bytes(engine) + batch * avg_context * _kv_bytes_per_token(engine)
-    params = sum(p.numel() for p in engine.runner.model.parameters())
+    params = model_weight_count(engine.runner.model)
     # The copy rate counts bytes read + written, i.e. bytes moved per second: the same yardstick as
     # ARCHITECTURE.md's 388 tok/s for 7.76 GB of bf16 weights on a 3.0 TB/s H100.
     t_bytes = step_bytes / (ceil.copy_gbps * 1e9)
@@ -135,9 +142,14 @@ def _p99(values: list[float]) -> float:
     return s[min(len(s) - 1, int(round(0.99 * (len(s) - 1))))]
 
 
+# Random text ids stay below Gemma 3's image tokens (<start_of_image> 255999 and up): an image token
+# in a text prompt is refused by the engine.
+TEXT_ID_LIMIT = 255_990
+
+
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(10, vocab - 10, (n, length), generator=g).tolist()
+    return torch.randint(10, min(vocab, TEXT_ID_LIMIT) - 10, (n, length), generator=g).tolist()
 
 
 def run_transformers(model_dir: str, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -177,32 +189,11 @@ def run_transformers(model_dir: str, prompts: list[list[int]], new_tokens: int) 
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="bench/configs/gemma-3-4b-it")
-    parser.add_argument("--load-format", default="random", choices=["random", "auto"])
-    parser.add_argument("--workloads", default="W1,W2,W3")
-    parser.add_argument("--w2-requests", type=int, default=1024)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("engine_bench needs a CUDA GPU", file=sys.stderr)
-        return 2
-    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
-                    "load_format": args.load_format, "workloads": {}}
-    ceil = measure_ceilings()
-    report["ceilings"] = asdict(ceil)
-    print(f"device {report['device']}: copy {ceil.copy_gbps:.0f} GB/s (read+write), bf16 {ceil.bf16_tflops:.0f} TFLOP/s",
-          flush=True)
-    t = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=args.model, load_format=args.load_format, device="cuda", dtype="bfloat16",
-                                    max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=1024,
-                                    max_queue_len=1 << 20))
-    report["engine_start_s"] = time.perf_counter() - t
-    report["param_bytes"] = _param_bytes(engine)
+def run_decode_workloads(engine: LLMEngine, ceil: Ceilings, wanted: set[str], w2_requests: int) -> list[WorkloadResult]:
+    """W1 and W2 on one engine, each with the bound of that engine's weight bytes."""
     vocab = engine.runner.model_config.vocab_size
     greedy = dict(temperature=0.0, stop_token_ids=())
-    wanted = set(args.workloads.split(","))
+    quantization = engine.runner.config.quantization
     rows = []
     if "W1" in wanted:
         run_requests(engine, _prompts(1, 128, vocab, 0), SamplingParams(max_tokens=16, **greedy))  # warm-up
@@ -214,31 +205,87 @@ def main(argv: list[str] | None = None) -> int:
         r.bound_tok_s = decode_bound(engine, ceil, 1, 128 + 256)
         rows.append(r)
     if "W2" in wanted:
-        r = run_requests(engine, _prompts(args.w2_requests, 512, vocab, 2), SamplingParams(max_tokens=256, **greedy))
-        r.name = f"W2 throughput {args.w2_requests} x 512/256, <=256 running"
+        r = run_requests(engine, _prompts(w2_requests, 512, vocab, 2), SamplingParams(max_tokens=256, **greedy))
+        r.name = f"W2 throughput {w2_requests} x 512/256, <=256 running"
         r.bound_tok_s = decode_bound(engine, ceil, 256, 512 + 128)
         r.extra["preemptions"] = engine.stats().extra.get("num_preemptions")
         rows.append(r)
-    if "W3" in wanted:
-        prompts = _prompts(128, 128, vocab, 3)
-        r = run_requests(engine, prompts, SamplingParams(max_tokens=128, **greedy))
-        r.name = "W3 ours 128 x 128/128"
-        rows.append(r)
+    for r in rows:
+        r.quantization = quantization
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bench/configs/gemma-3-4b-it")
+    parser.add_argument("--load-format", default="random", choices=["random", "auto"])
+    parser.add_argument("--workloads", default="W1,W2,W3")
+    parser.add_argument("--w2-requests", type=int, default=1024)
+    parser.add_argument("--quantization", default="none,int8",
+                        help="engines to run W1 and W2 on, in order: none (bf16), int8, fp8 (compute 8.9+)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("engine_bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    quantizations = args.quantization.split(",")
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
+                    "load_format": args.load_format, "quantizations": quantizations, "workloads": {}}
+    ceil = measure_ceilings()
+    report["ceilings"] = asdict(ceil)
+    print(f"device {report['device']}: copy {ceil.copy_gbps:.0f} GB/s (read+write), bf16 {ceil.bf16_tflops:.0f} TFLOP/s",
+          flush=True)
+    wanted = set(args.workloads.split(","))
+    rows = []
+    w3_prompts = None
+    report["engines"] = {}
+    for i, quantization in enumerate(quantizations):
+        t = time.perf_counter()
+        engine = LLMEngine(EngineConfig(model=args.model, load_format=args.load_format, device="cuda",
+                                        dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192,
+                                        max_model_len=1024, max_queue_len=1 << 20, quantization=quantization))
+        start_s = time.perf_counter() - t
+        report["engines"][quantization] = {"start_s": start_s, "weight_bytes": _param_bytes(engine),
+                                           "kv_blocks": engine.runner.num_blocks}
+        if i == 0:
+            report["engine_start_s"] = start_s
+            report["param_bytes"] = _param_bytes(engine)
+        print(f"engine quantization={quantization}: weights {_param_bytes(engine) / 1e9:.2f} GB, "
+              f"{engine.runner.num_blocks} KV blocks, started in {start_s:.1f} s", flush=True)
+        rows.extend(run_decode_workloads(engine, ceil, wanted, args.w2_requests))
+        if i == 0 and "W3" in wanted:
+            vocab = engine.runner.model_config.vocab_size
+            w3_prompts = _prompts(128, 128, vocab, 3)
+            r = run_requests(engine, w3_prompts, SamplingParams(max_tokens=128, temperature=0.0, stop_token_ids=()))
+            r.name = "W3 ours 128 x 128/128"
+            r.quantization = quantization
+            rows.append(r)
         del engine
+        gc.collect()  # the runner and its CUDA graphs reference each other
         torch.cuda.empty_cache()
-        hf = run_transformers(args.model, prompts, 128)
+    if w3_prompts is not None:
+        r = next(r for r in rows if r.name.startswith("W3"))
+        hf = run_transformers(args.model, w3_prompts, 128)
         report["transformers_W3"] = hf
         best = max(v.get("output_tok_s", 0.0) for v in hf.values())
         r.extra["transformers_best_tok_s"] = best
         r.extra["speedup_vs_transformers"] = r.output_tok_s / best if best else None
+    # Each quantized engine against the first (bf16) on the same workload.
+    for r in rows:
+        base = next((b for b in rows if b.name == r.name and b.quantization == quantizations[0]), None)
+        if base is not None and r is not base:
+            rate, base_rate = (x.extra.get("decode_tok_s", x.output_tok_s) for x in (r, base))
+            r.extra[f"speedup_vs_{quantizations[0]}"] = rate / base_rate
     report["workloads"] = [asdict(r) for r in rows]
-    print(f"\n{'workload':44s} {'out tok/s':>10s} {'total tok/s':>11s} {'TTFT ms':>9s} {'ITL ms':>8s} "
-          f"{'bound tok/s':>11s} {'% bound':>8s}")
+    print(f"\n{'workload':44s} {'quant':>5s} {'out tok/s':>10s} {'total tok/s':>11s} {'TTFT ms':>9s} {'ITL ms':>8s} "
+          f"{'bound tok/s':>11s} {'% bound':>8s} {'speedup':>8s}")
     for r in rows:
         rate = r.extra.get("decode_tok_s", r.output_tok_s)
         pct = f"{100 * rate / r.bound_tok_s:.1f}" if r.bound_tok_s else "-"
-        print(f"{r.name:44s} {rate:10.1f} {r.total_tok_s:11.1f} {r.ttft_ms_mean:9.1f} {r.itl_ms_mean:8.2f} "
-              f"{(r.bound_tok_s or 0):11.0f} {pct:>8s}")
+        speedup = r.extra.get(f"speedup_vs_{quantizations[0]}")
+        speedup = f"{speedup:.2f}x" if speedup else "-"
+        print(f"{r.name:44s} {r.quantization:>5s} {rate:10.1f} {r.total_tok_s:11.1f} {r.ttft_ms_mean:9.1f} "
+              f"{r.itl_ms_mean:8.2f} {(r.bound_tok_s or 0):11.0f} {pct:>8s} {speedup:>8s}")
     if "transformers_W3" in report:
         for k, v in report["transformers_W3"].items():
             print(f"W3 transformers {k:28s} {v.get('output_tok_s', float('nan')):10.1f}  {v.get('error', '')}")

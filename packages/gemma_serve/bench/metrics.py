@@ -66,6 +66,8 @@ class RunMetrics:
     max_in_flight: int
     errors: dict[str, int]  # error text -> requests
     usage_sources: dict[str, int]  # server | tokenizer | chunks -> successful requests
+    images: int = 0  # image parts of the successful requests
+    image_throughput: float = 0.0  # images / wall s (the server encodes each one before its first token)
 
     @property
     def error_rate(self) -> float:
@@ -133,4 +135,6 @@ def compute_metrics(records: Sequence[RequestRecord], wall_s: float | None = Non
         errors=dict(Counter((r.error or "unknown error")[:120] for r in sent
                             if r.status == ERROR).most_common()),
         usage_sources=dict(Counter(r.usage_source or "none" for r in ok)),
+        images=sum(r.images for r in ok),
+        image_throughput=per_second(sum(r.images for r in ok)),
     )

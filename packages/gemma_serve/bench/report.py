@@ -35,6 +35,8 @@ def summary_row(result: BenchResult) -> dict[str, Any]:
         **_dist("ttft_ms", m.ttft_ms), **_dist("itl_ms", m.itl_ms), **_dist("tpot_ms", m.tpot_ms),
         **_dist("e2e_ms", m.e2e_ms), "max_in_flight": m.max_in_flight,
         "usage_source": "+".join(sorted(m.usage_sources)) or None,
+        "images_per_request": s.get("images_per_request", 0), "images": m.images,
+        "image_throughput": m.image_throughput,
     }
     if result.cost is not None:
         row.update({"currency": result.cost.currency, "price_per_hour": result.cost.price_per_hour,
@@ -90,6 +92,7 @@ def markdown_table(results: Sequence[BenchResult]) -> str:
     """The numbers users compare across runs; failures get their own columns and a note per run."""
     with_cost = any(r.cost is not None for r in results)
     with_gpu = any(r.gpus for r in results)
+    with_images = any(r.metrics.images for r in results)
     header = ["Run", "Concurrency", "Requests", "Successful", "Errored", "Incomplete", "Duration (s)",
               "Req/s", "Output tok/s", "Total tok/s", "TTFT mean (ms)", "TTFT p99 (ms)", "ITL mean (ms)",
               "TPOT mean (ms)", "E2E mean (ms)", "E2E p95 (ms)", "E2E p99 (ms)"]
@@ -98,6 +101,8 @@ def markdown_table(results: Sequence[BenchResult]) -> str:
         header += [f"{currency}/request", f"{currency}/1M output tok"]
     if with_gpu:
         header += ["GPU util mean (%)", "GPU mem max (GiB)"]
+    if with_images:
+        header += ["Images", "Images/s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for r in results:
         m = r.metrics
@@ -114,6 +119,8 @@ def markdown_table(results: Sequence[BenchResult]) -> str:
         if with_gpu:
             cells += ([_num(sum(g.utilization_mean_pct for g in r.gpus) / len(r.gpus)),
                        _num(max(g.memory_used_max_mib for g in r.gpus) / 1024)] if r.gpus else ["-", "-"])
+        if with_images:
+            cells += [str(m.images), _num(m.image_throughput, 2)]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"- {r.label}: {note}" for r in results for note in r.notes]
     if notes:

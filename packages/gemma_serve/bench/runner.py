@@ -24,7 +24,13 @@ from gemma_serve.bench.gpu_monitor import GpuMonitor
 from gemma_serve.bench.load_shapes import Schedule
 from gemma_serve.bench.metrics import RunMetrics, compute_metrics
 from gemma_serve.bench.result import BenchResult
-from gemma_serve.bench.workload import WORDS_PER_TOKEN, WorkloadGenerator, load_tokenizer, read_dataset
+from gemma_serve.bench.workload import (
+    WORDS_PER_TOKEN,
+    ImageSource,
+    WorkloadGenerator,
+    load_tokenizer,
+    read_dataset,
+)
 
 
 @dataclass
@@ -46,6 +52,9 @@ class BenchConfig:
     extra_body: dict[str, Any] = field(default_factory=dict)  # merged into every request body
     progress: bool = False  # a tqdm bar on stderr
     monitor_gpu: bool = True  # NVML sampling where available
+    images_per_request: int = 0  # image parts per request (chat and predict endpoints)
+    image_dir: str | None = None  # images to send; None: generated ones
+    image_size: int = 896  # side of generated images, in pixels
 
     def settings(self, model: str | None) -> dict[str, Any]:
         s = self.schedule
@@ -56,6 +65,8 @@ class BenchConfig:
             "ignore_eos": self.ignore_eos, "dataset": self.dataset, "tokenizer": self.tokenizer,
             "seed": self.seed, "timeout_s": self.timeout_s, "drain_s": self.drain_limit_s(),
             "price_per_hour": self.price_per_hour, "currency": self.currency, "extra_body": self.extra_body,
+            "images_per_request": self.images_per_request, "image_dir": self.image_dir,
+            "image_size": self.image_size,
         }
 
     def drain_limit_s(self) -> float:
@@ -110,7 +121,11 @@ async def arun_benchmark(config: BenchConfig) -> BenchResult:
     schedule = config.schedule
     tokenizer = load_tokenizer(config.tokenizer) if config.tokenizer else None
     dataset = read_dataset(config.dataset) if config.dataset else None
-    workload = WorkloadGenerator(config.input_len, config.seed, tokenizer, dataset)
+    if config.images_per_request and endpoint.name == "completions":
+        raise ValueError("the completions endpoint takes no images; use --endpoint chat or predict")
+    images = ImageSource(config.image_dir, config.image_size, config.seed) if config.images_per_request else None
+    workload = WorkloadGenerator(config.input_len, config.seed, tokenizer, dataset, config.images_per_request,
+                                 images)
     prompts = workload.prompts(schedule.num_requests)
     model = config.model
     if model is None and endpoint.name != "predict":
@@ -141,6 +156,7 @@ async def arun_benchmark(config: BenchConfig) -> BenchResult:
                              clock=clock)
 
     async def start(index: int, _scheduled: float) -> None:
+        records[index].images = len(prompts[index].images)
         await client.send(prompts[index], records[index])
 
     try:

@@ -8,6 +8,7 @@ Counts cover the prompt text only: the chat template adds its own few tokens aro
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
@@ -48,8 +49,9 @@ class TextTokenizer(Protocol):
 class Prompt:
     text: str | None  # a plain prompt (completions, predict)
     messages: tuple[dict[str, Any], ...] | None  # a chat (chat completions, predict)
-    input_tokens: int  # estimated, or counted when `exact`
+    input_tokens: int  # estimated, or counted when `exact` (text only: image tokens are the server's)
     exact: bool
+    images: tuple[str, ...] = ()  # data: URLs, sent as OpenAI image parts after the text
 
     def as_text(self) -> str:
         """The prompt as one string: a chat's message contents joined (for the completions endpoint)."""
@@ -58,9 +60,14 @@ class Prompt:
         return "\n".join(_content_text(m.get("content")) for m in self.messages or ())
 
     def as_messages(self) -> list[dict[str, Any]]:
-        if self.messages is not None:
-            return [dict(m) for m in self.messages]
-        return [{"role": "user", "content": self.text}]
+        messages = [dict(m) for m in self.messages] if self.messages is not None else \
+            [{"role": "user", "content": self.text}]
+        if self.images:  # the images go into the last message, after its text
+            last = messages[-1]
+            content = last.get("content")
+            parts = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
+            last["content"] = list(parts) + [{"type": "image_url", "image_url": {"url": u}} for u in self.images]
+        return messages
 
 
 def _content_text(content: Any) -> str:
@@ -102,25 +109,79 @@ def read_dataset(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+
+
+class ImageSource:
+    """Images for prompts, as data: URLs: the files of a folder (in a seeded order), or generated ones.
+
+    Generated images are smooth random colour fields (a coarse random grid, upscaled), different for
+    every request and image, so neither a feature cache nor a prefix cache can serve them; they compress
+    to a realistic PNG size, unlike pixel noise."""
+
+    def __init__(self, folder: str | Path | None = None, size: int = 896, seed: int = 0) -> None:
+        self.size = size
+        self.seed = seed
+        self.files: list[Path] = []
+        if folder is not None:
+            self.files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not self.files:
+                raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+            np.random.default_rng(seed).shuffle(self.files)
+
+    def data_url(self, index: int) -> str:
+        import base64
+        import mimetypes
+
+        if self.files:
+            path = self.files[index % len(self.files)]
+            media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            return f"data:{media};base64,{base64.b64encode(path.read_bytes()).decode()}"
+        return f"data:image/png;base64,{base64.b64encode(self.generate(index)).decode()}"
+
+    def generate(self, index: int) -> bytes:
+        import io
+
+        from PIL import Image
+
+        rng = np.random.default_rng((self.seed, index))
+        coarse = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse, "RGB").resize((self.size, self.size), Image.Resampling.BICUBIC)
+        out = io.BytesIO()
+        img.save(out, "PNG")
+        return out.getvalue()
+
+
 class WorkloadGenerator:
     """Makes the prompts of a run from `seed`: the same arguments give the same prompts."""
 
     def __init__(self, input_len: int = 128, seed: int = 0, tokenizer: TextTokenizer | None = None,
-                 dataset: list[dict[str, Any]] | None = None) -> None:
+                 dataset: list[dict[str, Any]] | None = None, images_per_request: int = 0,
+                 image_source: ImageSource | None = None) -> None:
         if input_len < 1:
             raise ValueError("input_len must be >= 1")
+        if images_per_request < 0:
+            raise ValueError("images_per_request must be >= 0")
         self.input_len = input_len
         self.seed = seed
         self.tokenizer = tokenizer
         self.dataset = dataset
+        self.images_per_request = images_per_request
+        self.image_source = image_source or (ImageSource(seed=seed) if images_per_request else None)
 
     def prompts(self, n: int) -> list[Prompt]:
         rng = np.random.default_rng(self.seed)
         if self.dataset is not None:
             # A seeded shuffle, then cycle when the run wants more prompts than the file has.
             order = rng.permutation(len(self.dataset))
-            return [self._from_row(self.dataset[order[i % len(order)]]) for i in range(n)]
-        return [self._random(rng) for _ in range(n)]
+            prompts = [self._from_row(self.dataset[order[i % len(order)]]) for i in range(n)]
+        else:
+            prompts = [self._random(rng) for _ in range(n)]
+        if not self.images_per_request:
+            return prompts
+        k = self.images_per_request
+        return [dataclasses.replace(p, images=tuple(self.image_source.data_url(i * k + j) for j in range(k)))
+                for i, p in enumerate(prompts)]
 
     def count_tokens(self, text: str) -> int:
         if self.tokenizer is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.llm_engine import LLMEngine
+from gemma_serve.engine.multimodal import ImageInput
 from gemma_serve.engine.outputs import EngineOverloadedError, EngineStats, RequestOutput
 from gemma_serve.engine.sampling_params import SamplingParams
 
@@ -29,6 +30,7 @@ class _Request:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     sink: asyncio.Queue
+    images: list[ImageInput] | None = None
 
 
 class RequestStream:
@@ -111,10 +113,12 @@ class AsyncEngine:
             self._thread.join(timeout=30)
             self._thread = None
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> RequestStream:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    images: list[ImageInput] | None = None) -> RequestStream:
         """Validate now (raises RequestRejectedError / EngineOverloadedError / ValueError for a
-        duplicate id), then stream deltas. Call from a running event loop."""
-        self.engine.check_request(prompt_token_ids, params)
+        duplicate id or images that do not match the prompt), then stream deltas. Call from a
+        running event loop."""
+        self.engine.check_request(prompt_token_ids, params, images)
         loop = asyncio.get_running_loop()
         with self._lock:
             if request_id in self._sinks:
@@ -122,7 +126,8 @@ class AsyncEngine:
             if len(self.engine.scheduler.waiting) + self._pending_adds >= self.engine.config.max_queue_len:
                 raise EngineOverloadedError(
                     f"{self.engine.config.max_queue_len} requests are already waiting (max_queue_len)")
-            request = _Request(request_id, list(prompt_token_ids), params, loop, asyncio.Queue())
+            request = _Request(request_id, list(prompt_token_ids), params, loop, asyncio.Queue(),
+                               list(images) if images else None)
             self._sinks[request_id] = request
             self._pending_adds += 1
         self._commands.put(("add", request))
@@ -156,7 +161,8 @@ class AsyncEngine:
                 if current is not payload:
                     continue  # aborted (and its id possibly reused) before it reached the engine
                 try:
-                    self.engine.add_request(payload.request_id, payload.prompt_token_ids, payload.params)
+                    self.engine.add_request(payload.request_id, payload.prompt_token_ids, payload.params,
+                                            payload.images)
                 except Exception as exc:
                     with self._lock:
                         self._sinks.pop(payload.request_id, None)

@@ -8,7 +8,10 @@ This is the portable reference path in plain PyTorch (any device), computed in f
   one tile's scores whatever mix of lengths the step holds (padding every sequence to the longest
   query would need batch x longest_query x context scores).
 
-Sliding-window layers only gather the keys inside the window. A faster kernel can replace
+Sliding-window layers only gather the keys inside the window. Gemma 3's image tokens add one
+exception to causality during prefill: the tokens of one image (a run listed in
+`AttentionMetadata.image_spans_host`) also see the later tokens of that image, as transformers'
+Gemma3 masks do: AND(sliding window, OR(causal, same image)). A faster kernel can replace
 `paged_attention` behind the same `AttentionMetadata`.
 
 On CUDA (with Triton) the decodes use `paged_decode` instead: a Triton kernel that reads the K/V
@@ -58,6 +61,10 @@ class AttentionMetadata:
     # Keys per split of the Triton decode kernel: fixed per engine (from its max_model_len), so that
     # results do not depend on the step's longest context.
     decode_split_len: int = 128
+    # Per sequence, the [start, end) positions of the image-token runs among its new tokens, whose
+    # tokens attend to each other bidirectionally; None when the step has no image tokens. The
+    # scheduler puts a whole run in one step, so a run's later tokens are always in this step.
+    image_spans_host: list[list[tuple[int, int]]] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -86,8 +93,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     starts = meta.query_start_host
     for i in range(nd, meta.num_seqs):
         a, b = starts[i], starts[i + 1]
+        spans = meta.image_spans_host[i] if meta.image_spans_host else None
         out[a:b] = _prefill(q[a:b], k_cache, v_cache, meta.block_tables[i], meta.context_lens_host[i],
-                            scale, window, softcap)
+                            scale, window, softcap, spans)
     return out
 
 
@@ -126,9 +134,22 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     return out.reshape(batch, heads, head_dim).to(q.dtype)
 
 
+def _image_groups(first_key: int, context_len: int, spans: list[tuple[int, int]],
+                  device: torch.device) -> torch.Tensor:
+    """For key positions first_key..context_len-1: the index of the image run holding each, or -1."""
+    groups = torch.full((context_len - first_key,), -1, dtype=torch.long, device=device)
+    for j, (a, b) in enumerate(spans):
+        lo, hi = max(a, first_key) - first_key, min(b, context_len) - first_key
+        if lo < hi:
+            groups[lo:hi] = j
+    return groups
+
+
 def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-             context_len: int, scale: float, window: int | None, softcap: float | None) -> torch.Tensor:
-    """The last L positions of one sequence of `context_len` tokens, causal. q: [L, heads, D]."""
+             context_len: int, scale: float, window: int | None, softcap: float | None,
+             image_spans: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """The last L positions of one sequence of `context_len` tokens, causal except within image runs
+    (bidirectional). q: [L, heads, D]."""
     length, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     group = heads // kv_heads
@@ -142,11 +163,16 @@ def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bloc
     vh = values.permute(1, 0, 2)[:, None]  # [kv, 1, S, D]
     qh = q.float().view(length, kv_heads, group, head_dim).permute(1, 2, 0, 3)  # [kv, group, L, D]
     out = torch.empty(length, heads, head_dim, dtype=q.dtype, device=device)
+    # Queries are the last positions of the key range, so one group vector serves both.
+    groups = _image_groups(first_key, context_len, image_spans, device) if image_spans else None
     tile = max(1, _MAX_TILE_SCORES // (heads * key_pos.numel()))
     for a in range(0, length, tile):
         b = min(length, a + tile)
         q_pos = torch.arange(first_query + a, first_query + b, device=device)[:, None]
         allowed = key_pos[None, :] <= q_pos
+        if groups is not None:
+            q_groups = groups[first_query - first_key + a:first_query - first_key + b, None]
+            allowed |= (q_groups == groups[None, :]) & (q_groups >= 0)
         if window:
             allowed &= q_pos - key_pos[None, :] < window
         scores = _scores(qh[:, :, a:b], kh, scale, softcap).masked_fill(~allowed, float("-inf"))

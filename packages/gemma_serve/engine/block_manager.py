@@ -1,6 +1,8 @@
 """`BlockManager`: owns the KV cache's blocks. Allocation, ref counts, and prefix caching.
 
-A full block is identified by the hash of (previous block's hash, its token ids). Its hash is
+A full block is identified by the hash of (previous block's hash, its token ids, the content hashes
+of the images whose tokens it holds: image tokens all have the same id, so the ids alone would let two
+prompts with different images share K/V). Its hash is
 registered only once its K/V have been computed, so a later request with the same prefix maps the
 same physical block instead of recomputing it. Freed blocks keep their hash until they are reused,
 so a prefix stays cached while memory allows.
@@ -15,10 +17,11 @@ from collections import OrderedDict
 from gemma_serve.engine.sequence import Sequence
 
 
-def block_hash(previous: bytes, token_ids: list[int]) -> bytes:
+def block_hash(previous: bytes, token_ids: list[int], images: bytes = b"") -> bytes:
     """A 128-bit digest of the whole prefix up to this block. A cryptographic hash, not Python's
-    `hash()`, so that crafted prompts cannot collide with another request's cached prefix."""
-    return hashlib.blake2b(previous + array("q", token_ids).tobytes(), digest_size=16).digest()
+    `hash()`, so that crafted prompts cannot collide with another request's cached prefix. `images`
+    (`Sequence.image_key`) follows the fixed-size previous hash and ids, so the input is unambiguous."""
+    return hashlib.blake2b(previous + array("q", token_ids).tobytes() + images, digest_size=16).digest()
 
 
 class BlockManager:
@@ -57,8 +60,8 @@ class BlockManager:
             return []
         hits, previous = [], b""
         for i in range((seq.num_tokens - 1) // self.block_size):
-            tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
-            h = block_hash(previous, tokens)
+            start, end = i * self.block_size, (i + 1) * self.block_size
+            h = block_hash(previous, seq.token_ids[start:end], seq.image_key(start, end))
             block = self.cached.get(h)
             if block is None:
                 break
@@ -101,7 +104,8 @@ class BlockManager:
         full = seq.num_computed_tokens // self.block_size
         for i in range(seq.num_hashed_blocks, full):
             previous = seq.block_hashes[i - 1] if i else b""
-            h = block_hash(previous, seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            start, end = i * self.block_size, (i + 1) * self.block_size
+            h = block_hash(previous, seq.token_ids[start:end], seq.image_key(start, end))
             seq.block_hashes.append(h)
             block = seq.block_table[i]
             if h not in self.cached:

@@ -30,10 +30,15 @@ class EngineConfig:
     # Most requests waiting for a slot before new ones are refused (EngineOverloadedError -> 503).
     max_queue_len: int = 4096
     enable_prefix_caching: bool = True
-    # "none" | "int8" (weight-only, per-output-channel scales).
+    # "none" | "int8" | "fp8": weight-only, per-output-channel scales, of the decoder's linear layers
+    # (engine/quantization.py); "fp8" needs CUDA with compute capability 8.9+ (Ada, Hopper).
     quantization: str = "none"
     # "auto": weights from the checkpoint. "random": only config.json is read and the weights are
     # random with the real shapes (benchmarks on machines that cannot download weights).
     load_format: str = "auto"
     # Capture decode steps as CUDA graphs (CUDA only).
     cuda_graphs: bool = True
+    # Gemma 3 images: projected features of recently seen images (by content hash) stay on the device,
+    # so a repeated image is not encoded again. Gemma 3 4B: 256 x 2560 bf16 = 1.3 MB per image.
+    image_feature_cache_entries: int = 128
+    image_feature_cache_bytes: int = 256 * 2**20

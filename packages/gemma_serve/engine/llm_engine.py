@@ -10,6 +10,7 @@ import torch
 from gemma_serve.engine.block_manager import BlockManager
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.model_runner import ModelRunner
+from gemma_serve.engine.multimodal import ImageInput, ImageSpan, image_spans
 from gemma_serve.engine.outputs import EngineStats, RequestOutput, RequestRejectedError
 from gemma_serve.engine.sampler import SampleResult
 from gemma_serve.engine.sampling_params import SamplingParams
@@ -33,19 +34,47 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return self.runner.max_model_len
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raise RequestRejectedError for what this engine can never serve, EngineOverloadedError when
-        the waiting queue is full."""
+    @property
+    def supports_images(self) -> bool:
+        return self.runner.vision is not None
+
+    @property
+    def mm_tokens_per_image(self) -> int | None:
+        return self.runner.mm.mm_tokens_per_image if self.runner.mm else None
+
+    @property
+    def image_token_id(self) -> int | None:
+        return self.runner.mm.image_token_id if self.runner.mm else None
+
+    @property
+    def boi_token_id(self) -> int | None:
+        return self.runner.mm.boi_token_id if self.runner.mm else None
+
+    @property
+    def eoi_token_id(self) -> int | None:
+        return self.runner.mm.eoi_token_id if self.runner.mm else None
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                      images: list[ImageInput] | None = None) -> None:
+        """Raise RequestRejectedError (a ValueError) for what this engine can never serve, images
+        included (see `multimodal.image_spans`), EngineOverloadedError when the waiting queue is full."""
+        self._image_spans(prompt_token_ids, params, images)
+
+    def _image_spans(self, prompt_token_ids: list[int], params: SamplingParams,
+                     images: list[ImageInput] | None) -> list[ImageSpan]:
         self.scheduler.check(len(prompt_token_ids), params.max_tokens)
         vocab = self.runner.model_config.vocab_size
         if prompt_token_ids and not 0 <= min(prompt_token_ids) <= max(prompt_token_ids) < vocab:
             raise RequestRejectedError(f"prompt token ids must be in [0, {vocab})")
+        return image_spans(prompt_token_ids, images, self.runner.mm, self.scheduler.max_num_batched_tokens)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    images: list[ImageInput] | None = None) -> None:
+        """Queue a request. `images`: one per image-token run of the prompt, in order."""
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self.check_request(prompt_token_ids, params)
-        seq = Sequence(request_id, prompt_token_ids, params, next(self._arrivals))
+        spans = self._image_spans(prompt_token_ids, params, images)
+        seq = Sequence(request_id, prompt_token_ids, params, next(self._arrivals), spans)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.runner.device)
             seq.generator.manual_seed(params.seed)
@@ -115,15 +144,19 @@ class LLMEngine:
         return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                            num_free_blocks=self.block_manager.num_free_blocks,
                            num_total_blocks=self.block_manager.num_blocks,
-                           extra={"num_preemptions": self.scheduler.num_preemptions})
+                           extra={"num_preemptions": self.scheduler.num_preemptions,
+                                  "num_images_encoded": self.runner.vision.num_encoded if self.runner.vision else 0,
+                                  "image_feature_cache_hits": self.runner.feature_cache.hits})
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 images: list[list[ImageInput] | None] | None = None) -> list[list[int]]:
         """Run prompts to completion (tests, benchmarks). Returns each prompt's output token ids."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
+        images_list = images if images is not None else [None] * len(prompts)
         ids = [f"generate-{next(self._arrivals)}" for _ in prompts]
         outputs: dict[str, list[int]] = {i: [] for i in ids}
-        for rid, prompt, p in zip(ids, prompts, params_list):
-            self.add_request(rid, prompt, p)
+        for rid, prompt, p, imgs in zip(ids, prompts, params_list, images_list):
+            self.add_request(rid, prompt, p, imgs)
         while self.has_unfinished():
             for out in self.step():
                 outputs[out.request_id].extend(out.new_token_ids)

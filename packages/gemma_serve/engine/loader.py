@@ -3,7 +3,9 @@
 Handles single-file and sharded safetensors and the tensor-name layouts of every published Gemma:
 `model.` (Gemma/Gemma2/Gemma3ForCausalLM), `model.language_model.` (transformers 5's
 Gemma3ForConditionalGeneration) and `language_model.model.` (google/gemma-3-*-it as published).
-Separate q/k/v and gate/up projections are fused into one matrix each while loading.
+Separate q/k/v and gate/up projections are fused into one matrix each while loading. Gemma 3's
+vision tower and projector (`[model.]vision_tower.vision_model.*`, `[model.]multi_modal_projector.*`)
+load separately, into `VisionEncoder`, by `load_vision_weights`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ from pathlib import Path
 import torch
 
 from gemma_serve.engine.models.gemma import GemmaModel
+from gemma_serve.engine.models.vision import VisionEncoder
 
 logger = logging.getLogger(__name__)
 
 _PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 # Weights the text decoder does not use (vision tower, projector, a separate lm_head when tied).
 _SKIP = re.compile(r"^(model\.)?(vision_tower|multi_modal_projector|vision_model)\.|^(language_model\.)?lm_head\.")
+# Vision tensors: `[model.]vision_tower.[vision_model.]*` (published: with vision_model; transformers 5
+# saves without) and `[model.]multi_modal_projector.*`. SigLIP's pooling head is not used by Gemma 3.
+_VISION = re.compile(r"^(?:model\.)?(?:(vision_tower)\.(?:vision_model\.)?|(multi_modal_projector)\.)(.+)$")
 _FUSED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
           "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
@@ -116,3 +122,35 @@ def load_weights(model: GemmaModel, folder: Path) -> None:
     incomplete = sorted(n for n, got in fused_parts.items() if len(got) != len(splits[n.split(".")[-2]]))
     if missing or incomplete:
         raise ValueError(f"checkpoint in {folder} lacks weights: {(missing + incomplete)[:8]}")
+
+
+def _vision_name(name: str) -> str | None:
+    """A vision tensor's name without the optional levels, as both sides of the copy spell it."""
+    match = _VISION.match(name)
+    return None if match is None else f"{match.group(1) or match.group(2)}.{match.group(3)}"
+
+
+def load_vision_weights(vision: VisionEncoder, folder: Path) -> None:
+    """Copy the vision tower's and projector's tensors into `vision`; fail on missing or misshapen ones."""
+    from safetensors import safe_open
+
+    params = {_vision_name(name): p for name, p in vision.named_parameters()}
+    loaded: set[str] = set()
+    for file in safetensors_files(folder):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                name = _vision_name(key)
+                if name is None or name.startswith("vision_tower.head."):
+                    continue
+                if name not in params:
+                    raise KeyError(f"checkpoint tensor {key!r} has no place in the vision encoder ({name!r})")
+                tensor = f.get_tensor(key)
+                if tuple(tensor.shape) != tuple(params[name].shape):
+                    raise ValueError(f"{key}: shape {tuple(tensor.shape)} != expected {tuple(params[name].shape)}")
+                with torch.no_grad():
+                    params[name].copy_(tensor)
+                loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint in {folder} lacks vision weights (its config.json has a vision_config): "
+                         f"{missing[:8]}")

@@ -1,5 +1,7 @@
 """`ModelRunner`: owns the device. Loads the model, allocates the KV cache, turns a scheduled step
-into batch tensors, runs the model and samples."""
+into batch tensors, runs the model and samples. For Gemma 3 with a vision tower it also encodes the
+step's images (before the text forward, all new images of the step in one batch) and keeps their
+features in a small cache, so an image seen again is not encoded again."""
 
 from __future__ import annotations
 
@@ -12,9 +14,12 @@ import torch
 
 from gemma_serve.engine.attention import AttentionMetadata, decode_kernel_available, decode_split_len
 from gemma_serve.engine.config import EngineConfig
-from gemma_serve.engine.loader import load_weights, resolve_checkpoint
+from gemma_serve.engine.loader import load_vision_weights, load_weights, resolve_checkpoint
 from gemma_serve.engine.model_config import ModelConfig
 from gemma_serve.engine.models.gemma import GemmaModel
+from gemma_serve.engine.models.vision import VisionEncoder
+from gemma_serve.engine.multimodal import FeatureCache, ImageInput, MultimodalConfig
+from gemma_serve.engine.quantization import check_quantization, quantize_model
 from gemma_serve.engine.sampler import SampleResult, sample
 from gemma_serve.engine.scheduler import ScheduledChunk
 from gemma_serve.engine.sequence import Sequence
@@ -23,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 # Context window when neither the config nor the model sets a smaller one.
 DEFAULT_MAX_MODEL_LEN = 8192
+# Most images through the vision tower in one forward (bounds its activations: the real tower reads
+# 4096 patches per image).
+VISION_BATCH = 16
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
 
@@ -79,6 +87,10 @@ class StepInputs:
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # [S] flat row of each sampling chunk's last token, in chunk order
     sampling_seqs: list[Sequence]
+    # Image soft tokens of the step: their flat rows [R], and per image piece (image, first token,
+    # end token) in row order, whose features replace those rows' embeddings.
+    image_rows: torch.Tensor | None = None
+    image_pieces: list[tuple[ImageInput, int, int]] | None = None
 
 
 class ModelRunner:
@@ -89,8 +101,7 @@ class ModelRunner:
         self.model_config = ModelConfig.from_folder(folder)
         cfg = self.model_config
         self.dtype = resolve_dtype(config.dtype, self.device, cfg.torch_dtype)
-        if config.quantization != "none":
-            raise ValueError(f"quantization {config.quantization!r} is not available in this engine build yet")
+        check_quantization(config.quantization, self.device)
         self.max_model_len = config.max_model_len or min(cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
         if self.max_model_len > cfg.max_position_embeddings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_position_embeddings "
@@ -108,7 +119,14 @@ class ModelRunner:
             load_weights(self.model, folder)
         else:
             raise ValueError(f"unknown load_format {config.load_format!r}; use auto or random")
+        # From the loaded (or random) float weights; the KV cache below gets the memory this frees.
+        quantize_model(self.model, config.quantization)
         self.model.eval()
+        self.mm = MultimodalConfig.from_folder(folder)
+        self.vision: VisionEncoder | None = None
+        if self.mm is not None:
+            self.vision = self._load_vision(folder)
+        self.feature_cache = FeatureCache(config.image_feature_cache_entries, config.image_feature_cache_bytes)
         logger.info("loaded %s (Gemma %d, %d layers) on %s in %s in %.1f s", folder, cfg.generation, cfg.num_layers,
                     self.device, self.dtype, time.monotonic() - start)
         self.block_size = config.block_size
@@ -133,6 +151,17 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self, scratch_block=self.num_blocks)
             self.graphs.capture()
 
+    def _load_vision(self, folder) -> VisionEncoder:
+        with torch.device("meta"), _default_dtype(self.dtype):
+            vision = VisionEncoder(self.mm, self.model_config.hidden_size)
+        vision = vision.to_empty(device=self.device)
+        vision.init_non_weights()
+        if self.config.load_format == "random":
+            vision.init_random_weights()
+        else:
+            load_vision_weights(vision, folder)
+        return vision.eval()
+
     def _block_bytes(self) -> int:
         cfg = self.model_config
         return 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(self.dtype).bits // 8
@@ -154,9 +183,18 @@ class ModelRunner:
         starts = [0]
         ctx_lens: list[int] = []
         last_row = [0] * len(chunks)
+        image_rows: list[int] = []
+        image_pieces: list[tuple[ImageInput, int, int]] = []
+        image_spans: list[list[tuple[int, int]]] = []
         for j in order:
             chunk = chunks[j]
             end = chunk.start + chunk.num_tokens
+            spans = chunk.seq.spans_in(chunk.start, end) if chunk.seq.image_spans else []
+            for span in spans:
+                a, b = max(span.start, chunk.start), min(span.end, end)
+                image_pieces.append((span.image, a - span.start, b - span.start))
+                image_rows.extend(range(len(ids) + a - chunk.start, len(ids) + b - chunk.start))
+            image_spans.append([(span.start, span.end) for span in spans])
             ids.extend(chunk.seq.token_ids[chunk.start:end])
             positions.extend(range(chunk.start, end))
             starts.append(starts[-1] + chunk.num_tokens)
@@ -174,6 +212,8 @@ class ModelRunner:
             query_start=torch.tensor(starts, dtype=torch.long),
             logits_indices=torch.tensor([last_row[j] for j, c in enumerate(chunks) if c.samples], dtype=torch.long),
         )
+        if image_rows:
+            host["image_rows"] = torch.tensor(image_rows, dtype=torch.long)
         # Each token's cache slot, through its sequence's block table.
         owner = torch.repeat_interleave(torch.arange(len(order)), query_lens)
         pos = host["positions"]
@@ -189,20 +229,59 @@ class ModelRunner:
             query_start_host=starts,
             context_lens_host=ctx_lens,
             decode_split_len=self.decode_split_len,
+            image_spans_host=image_spans if image_rows else None,
         )
         return StepInputs(dev["input_ids"], dev["positions"], meta, dev["logits_indices"],
-                          [c.seq for c in chunks if c.samples])
+                          [c.seq for c in chunks if c.samples], dev.get("image_rows"), image_pieces or None)
+
+    def embed_images(self, inputs: StepInputs) -> torch.Tensor | None:
+        """The features of the step's image rows [R, hidden], in row order (None without images)."""
+        if not inputs.image_pieces:
+            return None
+        features = self.image_features([image for image, _, _ in inputs.image_pieces])
+        return torch.cat([features[image.content_hash][a:b] for image, a, b in inputs.image_pieces])
+
+    @torch.inference_mode()
+    def image_features(self, images: list[ImageInput]) -> dict[str, torch.Tensor]:
+        """content hash -> [mm_tokens_per_image, hidden] features: from the cache, or encoded (the
+        missing ones together, VISION_BATCH at a time) and cached."""
+        if self.vision is None:
+            raise RuntimeError("this model has no vision tower")
+        found: dict[str, torch.Tensor] = {}
+        missing: dict[str, ImageInput] = {}
+        for image in images:
+            digest = image.content_hash
+            if digest in found or digest in missing:
+                continue
+            cached = self.feature_cache.get(digest)
+            if cached is not None:
+                found[digest] = cached
+            else:
+                missing[digest] = image
+        todo = list(missing.items())
+        for i in range(0, len(todo), VISION_BATCH):
+            batch = todo[i:i + VISION_BATCH]
+            pixels = torch.stack([torch.as_tensor(image.pixel_values) for _, image in batch])
+            encoded = self.vision.encode(pixels.to(self.device, self.dtype, non_blocking=True))
+            for (digest, _), feats in zip(batch, encoded):
+                feats = feats.clone()  # its own storage: a cached view would pin the whole batch
+                found[digest] = feats
+                self.feature_cache.put(digest, feats)
+        return found
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> SampleResult | None:
         """Compute the step; sample one token for every chunk that reaches its sequence's end.
         Decode-only steps replay a CUDA graph when there is one for their (padded) batch size."""
-        if self.graphs is not None and self.graphs.can_run(chunks):
+        # A one-token chunk can still be an image's last soft token (the rest came from the prefix
+        # cache): the graphs embed token ids only, so such a step runs eagerly.
+        if (self.graphs is not None and self.graphs.can_run(chunks)
+                and not any(c.seq.image_spans and c.seq.spans_in(c.start, c.start + 1) for c in chunks)):
             logits, seqs = self.graphs.run(chunks)
         else:
             inputs = self.prepare(chunks)
             logits = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta,
-                                inputs.logits_indices)
+                                inputs.logits_indices, self.embed_images(inputs), inputs.image_rows)
             seqs = inputs.sampling_seqs
         if not seqs:
             return None

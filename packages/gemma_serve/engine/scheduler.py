@@ -4,6 +4,13 @@ Each step serves every running sequence (a decode token, or the next chunk of it
 admits waiting sequences in arrival order, all under one token budget. When the cache runs out of
 blocks, the latest-admitted running sequence is preempted: its blocks are freed and it waits to be
 recomputed, instead of any request failing.
+
+Chunked prefill never cuts an image's token run: the tokens of one image attend to each other in both
+directions, so all of them must be in the forward that computes them. A chunk that would end inside a
+run ends before it instead (the run starts the next chunk); a chunk that starts inside a run (the
+prefix cache held its first blocks) waits for a step with budget for the rest of it. A run is never
+longer than max_num_batched_tokens (refused at add_request), so every run fits a step on its own;
+under heavy decode load an image prefill can wait until enough decodes have finished.
 """
 
 from __future__ import annotations
@@ -26,6 +33,16 @@ class ScheduledChunk:
     def samples(self) -> bool:
         """This chunk reaches the end of the sequence, so its last row yields the next token."""
         return self.start + self.num_tokens == self.seq.num_tokens
+
+
+def fit_image_runs(seq: Sequence, start: int, num_tokens: int) -> int:
+    """The longest chunk from `start`, at most `num_tokens`, that does not end inside an image run;
+    0 when even the shortest would (it starts inside a run whose rest does not fit)."""
+    end = start + num_tokens
+    for span in seq.image_spans:
+        if span.start < end < span.end:
+            return max(0, span.start - start)
+    return num_tokens
 
 
 class Scheduler:
@@ -73,7 +90,9 @@ class Scheduler:
                 break
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted for an earlier sequence of this step
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = fit_image_runs(seq, seq.num_computed_tokens, min(seq.num_tokens - seq.num_computed_tokens, budget))
+            if n == 0:
+                continue  # an image run that does not fit the budget left: next step
             while not self.blocks.can_grow(seq, seq.num_computed_tokens + n):
                 # Only sequences not yet scheduled in this step may give their blocks back, the
                 # latest admitted first; that can be `seq` itself, which then waits at the head of
@@ -99,7 +118,9 @@ class Scheduler:
             self.blocks.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = fit_image_runs(seq, seq.num_computed_tokens, min(seq.num_tokens - seq.num_computed_tokens, budget))
+            if n == 0:
+                break  # admitted, its first chunk (an image run) starts next step; later arrivals wait
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
         return chunks

@@ -6,6 +6,7 @@ import enum
 
 import torch
 
+from gemma_serve.engine.multimodal import ImageSpan
 from gemma_serve.engine.sampling_params import SamplingParams
 
 
@@ -16,7 +17,8 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: int) -> None:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: int,
+                 image_spans: list[ImageSpan] | None = None) -> None:
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -34,6 +36,8 @@ class Sequence:
         self.num_emitted = 0  # output tokens already delivered as deltas
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None  # per-request randomness when seeded
+        # The prompt's images, in position order (output tokens are always text, whatever their id).
+        self.image_spans: list[ImageSpan] = list(image_spans or [])
 
     @property
     def num_tokens(self) -> int:
@@ -50,6 +54,15 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    def spans_in(self, start: int, end: int) -> list[ImageSpan]:
+        """The images with tokens in positions [start, end)."""
+        return [s for s in self.image_spans if s.start < end and start < s.end]
+
+    def image_key(self, start: int, end: int) -> bytes:
+        """What identifies the images of positions [start, end) beyond their (identical) token ids:
+        part of a KV block's hash, so that the same ids with another image never share a block."""
+        return b"".join(s.key() for s in self.spans_in(start, end)) if self.image_spans else b""
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id}, {self.status.name}, tokens={self.num_tokens}, "

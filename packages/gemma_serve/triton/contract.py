@@ -5,6 +5,12 @@ engine answers: the portable engine's Triton model declares exactly these tensor
 TensorRT-LLM template. Tokens cross this boundary, text never does.
 
 Every tensor carries a leading batch dimension of 1 (both models set `max_batch_size > 0`).
+
+Images (portable engine only): `pixel_values` [num_images, 3, H, W] float32, resized and normalized by
+the API layer, and `image_hashes` [num_images] (hex digests of the image files) that the engine keys its
+feature cache and prefix cache on. The prompt's `input_ids` already hold each image's tokens. They are
+not TensorRT-LLM tensors: the TensorRT-LLM model does not declare them, and the API layer refuses images
+before they would be sent there.
 """
 
 from __future__ import annotations
@@ -15,19 +21,24 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 # Triton data type name -> numpy dtype.
-_NUMPY = {"INT32": np.int32, "UINT64": np.uint64, "FP32": np.float32, "BOOL": np.bool_}
+_NUMPY = {"INT32": np.int32, "UINT64": np.uint64, "FP32": np.float32, "BOOL": np.bool_, "BYTES": np.object_}
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    data_type: str  # Triton's name without the TYPE_ prefix: INT32, UINT64, FP32, BOOL
+    data_type: str  # Triton's name without the TYPE_ prefix: INT32, UINT64, FP32, BOOL, BYTES (TYPE_STRING)
     dims: tuple[int, ...]  # per-request dims, without the batch dimension
     optional: bool = True
 
     @property
     def numpy_dtype(self) -> type:
         return _NUMPY[self.data_type]
+
+    @property
+    def config_type(self) -> str:
+        """The type as a model's config.pbtxt writes it (variable-length bytes are TYPE_STRING there)."""
+        return "TYPE_STRING" if self.data_type == "BYTES" else f"TYPE_{self.data_type}"
 
 
 INPUTS: tuple[TensorSpec, ...] = (
@@ -50,6 +61,12 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("return_log_probs", "BOOL", (1,)),
 )
 
+# The portable engine's image inputs (see the module docstring); appended to its model's inputs.
+IMAGE_INPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("pixel_values", "FP32", (-1, 3, -1, -1)),
+    TensorSpec("image_hashes", "BYTES", (-1,)),
+)
+
 OUTPUTS: tuple[TensorSpec, ...] = (
     # [beam, tokens]: in streaming mode, the tokens produced since the previous response.
     TensorSpec("output_ids", "INT32", (-1, -1), optional=False),
@@ -59,8 +76,8 @@ OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("cum_log_probs", "FP32", (-1,)),
 )
 
-INPUT_NAMES = tuple(spec.name for spec in INPUTS)
-_INPUT_BY_NAME = {spec.name: spec for spec in INPUTS}
+INPUT_NAMES = tuple(spec.name for spec in INPUTS + IMAGE_INPUTS)
+_INPUT_BY_NAME = {spec.name: spec for spec in INPUTS + IMAGE_INPUTS}
 
 
 @dataclass
@@ -85,6 +102,13 @@ class GenerationRequest:
     stop_sequences: list[list[int]] = field(default_factory=list)
     bad_sequences: list[list[int]] = field(default_factory=list)
     logprobs: bool = False
+    # [num_images, 3, H, W] float32 and one content hash per image; None / [] for a text prompt.
+    pixel_values: np.ndarray | None = None
+    image_hashes: list[str] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
 
 
 def encode_word_list(words: Sequence[Sequence[int]]) -> np.ndarray:
@@ -136,6 +160,11 @@ def to_tensors(request: GenerationRequest) -> dict[str, np.ndarray]:
         values["stop_words_list"] = encode_word_list(request.stop_sequences)
     if request.bad_sequences:
         values["bad_words_list"] = encode_word_list(request.bad_sequences)
+    if request.num_images:
+        if len(request.image_hashes) != request.num_images:
+            raise ValueError(f"{request.num_images} images but {len(request.image_hashes)} image hashes")
+        values["pixel_values"] = request.pixel_values
+        values["image_hashes"] = np.array([h.encode() for h in request.image_hashes], dtype=np.object_)
     return {name: np.asarray(v, dtype=_INPUT_BY_NAME[name].numpy_dtype)[None, ...] for name, v in values.items()}
 
 
@@ -175,7 +204,25 @@ def from_tensors(tensors: Mapping[str, np.ndarray]) -> GenerationRequest:
         stop_sequences=_word_list(tensors, "stop_words_list"),
         bad_sequences=_word_list(tensors, "bad_words_list"),
         logprobs=bool(scalar("return_log_probs", False)),
+        **_images(tensors),
     )
+
+
+def _images(tensors: Mapping[str, np.ndarray]) -> dict:
+    if "pixel_values" not in tensors:
+        if "image_hashes" in tensors:
+            raise ValueError("image_hashes without pixel_values")
+        return {}
+    pixels = np.asarray(tensors["pixel_values"], dtype=np.float32)
+    if pixels.ndim == 5:  # the batch dimension
+        pixels = pixels[0]
+    if pixels.ndim != 4 or pixels.shape[1] != 3:
+        raise ValueError(f"pixel_values must be [images, 3, height, width], got {list(pixels.shape)}")
+    raw = np.asarray(tensors.get("image_hashes", np.empty(0, dtype=np.object_))).reshape(-1)
+    hashes = [h.decode() if isinstance(h, bytes) else str(h) for h in raw]
+    if len(hashes) != pixels.shape[0]:
+        raise ValueError(f"{pixels.shape[0]} images in pixel_values but {len(hashes)} image_hashes")
+    return {"pixel_values": pixels, "image_hashes": hashes}
 
 
 def _word_list(tensors: Mapping[str, np.ndarray], name: str) -> list[list[int]]:

@@ -51,6 +51,16 @@ def sampling_params(request: GenerationRequest) -> SamplingParams:
     )
 
 
+def engine_images(request: GenerationRequest) -> list | None:
+    """Contract images -> the engine's ImageInputs (pixels and the content hash its caches key on)."""
+    if not request.num_images:
+        return None
+    from gemma_serve.engine.multimodal import ImageInput
+
+    return [ImageInput(pixel_values=request.pixel_values[i], content_hash=h)
+            for i, h in enumerate(request.image_hashes)]
+
+
 class EngineModel:
     """Triton calls initialize() once, execute() for each batch of new requests, finalize() at unload
     (through the thin `model.py` of the model repository)."""
@@ -137,7 +147,7 @@ class EngineModel:
             tensors = {t.name(): t.as_numpy() for t in request.inputs()}
             gen = contract.from_tensors(tensors)
             params = sampling_params(gen)
-            stream = self.engine.add_request(engine_id, gen.input_ids, params)
+            stream = self.engine.add_request(engine_id, gen.input_ids, params, images=engine_images(gen))
         except (RequestRejectedError, ValueError) as exc:
             self._error(sender, "invalid_request", str(exc))
             return

@@ -61,7 +61,7 @@ def render_portable_config(settings: ServingSettings, data_dir: Path = DEFAULT_D
     return template.render(
         model_name=PORTABLE_MODEL,
         max_batch_size=settings.max_num_seqs,
-        inputs=contract.INPUTS,
+        inputs=contract.INPUTS + contract.IMAGE_INPUTS,
         outputs=contract.OUTPUTS,
         # A JSON string inside a protobuf text string: JSON's escaping is valid protobuf escaping.
         engine_config_json=json.dumps(json.dumps(config)),

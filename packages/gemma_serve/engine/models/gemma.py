@@ -226,15 +226,21 @@ class GemmaModel(nn.Module):
         self.rope_local.init_tables()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata, logits_indices: torch.Tensor) -> torch.Tensor:
+                meta: AttentionMetadata, logits_indices: torch.Tensor, image_embeds: torch.Tensor | None = None,
+                image_rows: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions: [T] (all sequences' new tokens, flattened). Returns float32 logits
         [len(logits_indices), vocab] for the rows that sample; the other rows skip the final norm and
-        the vocabulary projection."""
+        the vocabulary projection. `image_embeds` [R, hidden] replace the embeddings of rows
+        `image_rows` [R] (Gemma 3's image soft tokens)."""
         weight = self.embed_tokens.weight
         # Embeddings are scaled by sqrt(hidden), the scale rounded to the weights' dtype as in training.
         # A host float (no tensor made per step), equal to the rounded scale.
         scale = torch.tensor(self.cfg.hidden_size ** 0.5, dtype=weight.dtype).item()
         hidden = self.embed_tokens(input_ids) * scale
+        if image_embeds is not None:
+            # As Gemma3Model: the text embeddings are scaled, the projected image features replace the
+            # placeholders' embeddings as they are (the vision projector's output is not scaled).
+            hidden = hidden.index_copy(0, image_rows, image_embeds.to(hidden.dtype))
         # Once per step rather than per layer: [T, 1, D] in the activations' dtype.
         cos_g, sin_g = (t[:, None, :].to(hidden.dtype) for t in self.rope_global(positions))
         cos_l, sin_l = (t[:, None, :].to(hidden.dtype) for t in self.rope_local(positions))

@@ -1,0 +1,227 @@
+"""The decode floor of the linear layers, bf16 against weight-only INT8 / FP8: Gemma 3 4B's four
+projections in each of its 34 layers (own weights per layer, so nothing is served from L2), replayed
+as one CUDA graph per batch size. Prints ms per step, GB/s of weights read and the share of the
+copy-rate bound; `--sweep` also times candidate tile shapes of the Triton kernel per projection.
+
+    PYTHONPATH=packages python -m gemma_serve.bench.quant_bench --out quant.json [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gemma_serve.engine import quantization as quant
+
+LAYERS = 34
+# (N, K) of qkv_proj, o_proj, gate_up_proj, down_proj.
+SHAPES = {"qkv": (4096, 2560), "o": (2560, 2048), "gate_up": (20480, 2560), "down": (2560, 10240)}
+
+
+def copy_rate_gbps() -> float:
+    a = torch.empty(1 << 30, dtype=torch.bfloat16, device="cuda").normal_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    end.synchronize()
+    rate = 10 * 2 * a.numel() * a.element_size() / (start.elapsed_time(end) / 1e3) / 1e9
+    del a, b
+    torch.cuda.empty_cache()
+    return rate
+
+
+def graph_ms(fn, reps: int = 20) -> float:
+    """Median-free but warm: capture `fn` once, replay `reps` times, ms per replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def make_weights(method: str, shapes: dict[str, tuple[int, int]], layers: int) -> list[dict]:
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out = []
+    for _ in range(layers):
+        layer = {}
+        for name, (n, k) in shapes.items():
+            w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).bfloat16()
+            layer[name] = w if method == "bf16" else quant.quantize_weight(w, method)
+        out.append(layer)
+    return out
+
+
+def weight_bytes(weights: list[dict]) -> int:
+    total = 0
+    for layer in weights:
+        for w in layer.values():
+            total += sum(t.numel() * t.element_size() for t in (w if isinstance(w, tuple) else (w,)))
+    return total
+
+
+def step_fn(weights: list[dict], xs: dict[int, torch.Tensor], config: quant.KernelConfig | None = None):
+    def run() -> None:
+        for layer in weights:
+            for w in layer.values():
+                if isinstance(w, tuple):
+                    q, s = w
+                    quant.triton_weight_only_linear(xs[q.shape[1]], q, s, config)
+                else:
+                    F.linear(xs[w.shape[1]], w)
+    return run
+
+
+def inputs(m: int) -> dict[int, torch.Tensor]:
+    return {k: torch.randn(m, k, device="cuda").bfloat16() for k in {k for _, k in SHAPES.values()}}
+
+
+def sweep_candidates(m: int) -> list[quant.KernelConfig]:
+    """Tile shapes to time at m rows; split_k holds -target: split K until target x SMs programs."""
+    out = []
+    if m == 1:
+        for block_n, block_k, warps, stages in [(4, 1024, 4, 2), (8, 512, 4, 2), (8, 1024, 4, 2), (4, 2048, 8, 2),
+                                                (8, 1024, 8, 2), (16, 512, 4, 2), (16, 1024, 8, 2), (2, 2048, 4, 2),
+                                                (32, 256, 4, 2), (8, 512, 4, 1), (8, 512, 4, 3)]:
+            for target in (0, 2, 4, 8):
+                out.append(quant.KernelConfig(1, block_n, block_k, -target, warps, stages))
+        return out
+    if m <= 16:
+        tiles = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 512, 4, 3), (32, 512, 4, 4),
+                 (64, 128, 4, 4), (64, 256, 4, 4), (64, 256, 8, 3), (64, 512, 8, 3), (128, 128, 4, 4),
+                 (128, 256, 8, 3)]
+        block_ms, swaps, targets = [16], [True], (0, 1, 2, 4)
+    elif m <= 64:
+        tiles = [(32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3),
+                 (128, 64, 4, 4), (256, 64, 8, 3)]
+        block_ms, swaps, targets = [max(16, 1 << (m - 1).bit_length())], [True, False], (0, 1, 2)
+    else:
+        tiles = [(128, 128, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (128, 128, 4, 3), (64, 128, 8, 3),
+                 (64, 64, 8, 4)]
+        block_ms, swaps, targets = [64, 128, 256], [True, False], (0, 2)
+    for block_m in block_ms:
+        for block_n, block_k, warps, stages in tiles:
+            if block_m * block_n > 128 * 128:
+                continue  # accumulator past the register file
+            for swap in swaps:
+                for target in targets:
+                    out.append(quant.KernelConfig(block_m, block_n, block_k, -target, warps, stages, swap))
+    return out
+
+
+def resolve_split(cfg: quant.KernelConfig, m: int, n: int, k: int) -> quant.KernelConfig | None:
+    """Sweep configs carry -target in split_k; turn it into the split that reaches target x SMs."""
+    target = -cfg.split_k
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    k_tiles = -(-k // cfg.block_k)
+    tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
+    split = 1
+    while target and tiles * split < target * sms and k_tiles >= 2 * split * 2:
+        split *= 2
+    if target and split == 1:
+        return None  # same as target 0
+    return quant.KernelConfig(cfg.block_m, cfg.block_n, cfg.block_k, split, cfg.num_warps, cfg.num_stages,
+                              cfg.swap_ab)
+
+
+def sweep(ms: list[int], copy_gbps: float, layers: int) -> list[dict]:
+    rows = []
+    for m in ms:
+        xs = inputs(m)
+        for name, (n, k) in SHAPES.items():
+            weights = make_weights("int8", {name: (n, k)}, layers)
+            bf16 = make_weights("bf16", {name: (n, k)}, layers)
+            nbytes = weight_bytes(weights)
+            bound_us = nbytes / (copy_gbps * 1e9) * 1e6 / layers
+            default = quant.kernel_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+            timed = {"default " + str(default): graph_ms(step_fn(weights, xs, default)) * 1e3 / layers}
+            for cand in sweep_candidates(m):
+                cfg = resolve_split(cand, m, n, k)
+                if cfg is None or str(cfg) in timed:
+                    continue
+                try:
+                    timed[str(cfg)] = graph_ms(step_fn(weights, xs, cfg)) * 1e3 / layers
+                except Exception as exc:  # out of shared memory and the like: report, go on
+                    timed[str(cfg)] = float("inf")
+                    print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            bf16_us = graph_ms(step_fn(bf16, xs)) * 1e3 / layers
+            best = min(timed, key=timed.get)
+            row = dict(m=m, shape=name, n=n, k=k, bound_us=bound_us, bf16_us=bf16_us, best=best,
+                       best_us=timed[best], default_us=timed["default " + str(default)],
+                       top5=sorted(timed.items(), key=lambda kv: kv[1])[:5])
+            rows.append(row)
+            print(f"sweep m={m:4d} {name:8s} bound {bound_us:7.1f} us  bf16 {bf16_us:7.1f}  default "
+                  f"{row['default_us']:7.1f}  best {row['best_us']:7.1f} {best}", flush=True)
+            del weights, bf16
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", default="1,16,64,256", help="rows (decode batch sizes) to time")
+    parser.add_argument("--methods", default="bf16,int8,fp8")
+    parser.add_argument("--sweep", action="store_true", help="also time candidate tile shapes per projection")
+    parser.add_argument("--sweep-batch", default="1,16,256", help="rows to sweep tile shapes at")
+    parser.add_argument("--layers", type=int, default=LAYERS)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("quant_bench needs a CUDA GPU", file=sys.stderr)
+        return 2
+    ms = [int(b) for b in args.batch.split(",")]
+    methods = [m for m in args.methods.split(",")
+               if m != "fp8" or torch.cuda.get_device_capability() >= (8, 9)]
+    copy = copy_rate_gbps()
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_gbps": copy,
+                    "layers": args.layers, "stack": []}
+    print(f"device {report['device']}: copy {copy:.0f} GB/s (read+write); {args.layers} layers x "
+          f"{', '.join(f'{k} {n}x{kk}' for k, (n, kk) in SHAPES.items())}", flush=True)
+    print(f"{'method':6s} {'batch':>5s} {'ms/step':>8s} {'GB/s':>7s} {'% bound':>8s} {'vs bf16':>8s}")
+    base: dict[int, float] = {}
+    for method in methods:
+        weights = make_weights(method, SHAPES, args.layers)
+        nbytes = weight_bytes(weights)
+        for m in ms:
+            ms_step = graph_ms(step_fn(weights, inputs(m)))
+            if method == "bf16":
+                base[m] = ms_step
+            gbps = nbytes / (ms_step / 1e3) / 1e9
+            speedup = base[m] / ms_step if m in base else float("nan")
+            report["stack"].append(dict(method=method, batch=m, ms=ms_step, weight_bytes=nbytes, gbps=gbps,
+                                        pct_bound=100 * gbps / copy, speedup_vs_bf16=speedup))
+            print(f"{method:6s} {m:5d} {ms_step:8.3f} {gbps:7.0f} {100 * gbps / copy:8.1f} {speedup:8.2f}",
+                  flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    if args.sweep:
+        report["sweep"] = sweep([int(b) for b in args.sweep_batch.split(",")], copy, args.layers)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

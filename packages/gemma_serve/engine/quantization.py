@@ -1,0 +1,430 @@
+"""Weight-only quantization of the decoder's linear layers: INT8 (any device) and FP8 e4m3 (CUDA,
+compute capability 8.9+), one scale per output channel.
+
+`quantize_model` swaps every `nn.Linear` of the decoder layers (fused QKV, output projection, fused
+gate/up, down projection) for a `QuantizedLinear` that holds the 8-bit matrix [N, K] and a float32
+scale [N]; the embedding, tied to the output projection, stays in the model's dtype. The model code
+does not know: it calls its projections as before.
+
+The matmul keeps the activations in their dtype and the weights in 8 bits in memory:
+
+- on CUDA with bf16 (or fp16) activations, up to `TRITON_MAX_ROWS` rows (decode steps, CUDA-graphed up to
+  256 rows, and short prefills), Triton kernels read the 8-bit weights, widen them in registers
+  with bit operations (exact, and several times the rate of conversion instructions), accumulate in
+  float32 and apply the per-channel scale in the epilogue. One token runs on the FMA units with a
+  few output rows per program; more tokens run on the matrix units. Projections whose output has
+  few tiles split K across programs; the float32 partial sums are added in a fixed order by a
+  second small kernel, so results do not depend on timing (no atomics). Decode with few streams is
+  bound by reading the weights, which halve against bf16 (docs/benchmarks.md has the measured
+  kernels: faster than bf16 for one token, slower from 16 tokens up).
+- above that (long prefill chunks, compute bound) and on CPU: the matrix is dequantized to the
+  activations' dtype and multiplied by the framework (cuBLAS, or the CPU BLAS).
+
+FP8 is weight-only too: the e4m3 weights are widened in the same kernels, so the activations keep
+full precision and no per-token activation scales are needed (`torch._scaled_mm` would need both
+operands in fp8). FP8's 3 mantissa bits round weights more coarsely than INT8's per-channel grid
+(relative step 2^-4 against about amax/127 absolute), so INT8 is the more accurate of the two; FP8
+is offered for parity with checkpoints and engines that use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # CUDA builds of PyTorch ship Triton; CPU-only installs use the PyTorch path alone.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATION_METHODS = ("none", "int8", "fp8")
+# Largest representable magnitude of each 8-bit format; a channel's absmax maps onto it.
+_QMAX = {"int8": 127.0, "fp8": 448.0}
+# Rows (tokens) up to which the Triton kernel runs on CUDA; longer inputs dequantize and use cuBLAS.
+TRITON_MAX_ROWS = 256
+
+
+def check_quantization(method: str, device: torch.device) -> None:
+    """Refuse, at engine start, a method this engine or this device cannot run."""
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"unknown quantization {method!r}; the portable engine supports "
+                         f"{', '.join(QUANTIZATION_METHODS)} (weight-only, per-output-channel scales)")
+    if method == "fp8":
+        if device.type != "cuda":
+            raise ValueError(f"quantization 'fp8' needs a CUDA GPU of compute capability 8.9 or newer (Ada, "
+                             f"Hopper); this engine runs on {device.type}: use 'int8' instead")
+        capability = torch.cuda.get_device_capability(device)
+        if capability < (8, 9):
+            raise ValueError(f"quantization 'fp8' needs compute capability 8.9 or newer (Ada, Hopper); "
+                             f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: "
+                             f"use 'int8' instead")
+
+
+def _storage_dtype(method: str) -> torch.dtype:
+    return torch.int8 if method == "int8" else torch.float8_e4m3fn
+
+
+@torch.no_grad()
+def quantize_weight(weight: torch.Tensor, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float weight -> (8-bit weight [N, K], float32 scale [N]) with weight ~= q * scale[:, None].
+    Symmetric, one scale per output row: INT8 rounds to the nearest step (error <= scale / 2)."""
+    if method not in _QMAX:
+        raise ValueError(f"cannot quantize to {method!r}; use one of {', '.join(_QMAX)}")
+    w = weight.detach().float()
+    qmax = _QMAX[method]
+    # An all-zero row keeps a tiny positive scale: its values quantize to 0 and come back as 0.
+    scale = (w.abs().amax(dim=1) / qmax).clamp_(min=1e-12)
+    scaled = (w / scale[:, None]).clamp_(-qmax, qmax)
+    if method == "int8":
+        scaled = scaled.round_()
+    else:
+        # Below e4m3's smallest normal (2^-6) round to 0 or +-2^-6 rather than to a subnormal, so the
+        # kernel's bit-level widening is exact; the error there stays under 2^-7 * scale (amax/57344).
+        tiny = scaled.abs() < 2.0 ** -6
+        scaled = torch.where(tiny, (scaled * 2.0 ** 6).round_() * 2.0 ** -6, scaled)
+    return scaled.to(_storage_dtype(method)).contiguous(), scale
+
+
+def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(8-bit weight [N, K], scale [N]) -> weight [N, K] in `dtype`. 8-bit values are exact in bf16,
+    fp16 and fp32, so the only rounding is that of the product."""
+    return qweight.to(dtype) * scale.to(dtype)[:, None]
+
+
+class QuantizedLinear(nn.Module):
+    """A bias-free linear layer with an 8-bit weight [out_features, in_features] and a float32 scale
+    per output feature, both buffers (they are state, not trainable parameters)."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("weight", qweight)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, method: str) -> QuantizedLinear:
+        if linear.bias is not None:
+            raise ValueError("weight-only quantization here covers bias-free linear layers (all of Gemma's)")
+        return cls(*quantize_weight(linear.weight, method))
+
+    @property
+    def method(self) -> str:
+        return "int8" if self.weight.dtype == torch.int8 else "fp8"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return weight_only_linear(x, self.weight, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.method}"
+
+
+def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (qweight [N, K] * scale[:, None]).T -> [..., N] in x's dtype."""
+    if (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and x.numel() // max(1, x.shape[-1]) <= TRITON_MAX_ROWS):
+        return triton_weight_only_linear(x, qweight, scale)
+    return F.linear(x, dequantize_weight(qweight, scale, x.dtype))
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+
+def _layer_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) of every linear layer in the decoder layers. Only `model.layers`:
+    the embedding (tied output projection) and anything outside the decoder stay as they are."""
+    found = []
+    for module in model.layers.modules():
+        for name, child in module.named_children():
+            if isinstance(child, nn.Linear):
+                found.append((module, name, child))
+    return found
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight the forward reads: parameters plus quantized matrices and their scales."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            total += m.weight.numel() * m.weight.element_size() + m.scale.numel() * m.scale.element_size()
+    return total
+
+
+def model_weight_count(model: nn.Module) -> int:
+    """Weights (multiply-adds per token): parameters plus the entries of quantized matrices."""
+    return sum(p.numel() for p in model.parameters()) + sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, QuantizedLinear))
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, method: str) -> None:
+    """Replace the decoder layers' linear layers by `QuantizedLinear`s, one at a time so the extra
+    memory is one matrix in float32; freed float weights go back to the device."""
+    if method == "none":
+        return
+    before = model_weight_bytes(model)
+    linears = _layer_linears(model)
+    float_bytes = sum(lin.weight.numel() * lin.weight.element_size() for _, _, lin in linears)
+    for parent, name, linear in linears:
+        setattr(parent, name, QuantizedLinear.from_linear(linear, method))
+        del linear
+    device = next(model.buffers()).device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the KV cache is sized from free memory next
+    after = model_weight_bytes(model)
+    quant_bytes = sum(m.weight.numel() * m.weight.element_size() + m.scale.numel() * 4
+                      for m in model.modules() if isinstance(m, QuantizedLinear))
+    logger.info("%s weight-only quantization of %d linear layers: weights %.2f GB -> %.2f GB "
+                "(linear layers %.2f GB -> %.2f GB)", method, len(linears), before / 1e9, after / 1e9,
+                float_bytes / 1e9, quant_bytes / 1e9)
+
+
+# -- the CUDA kernel -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int  # rows of x (tokens) per program; 1: the one-token kernel (FMA units, no matrix unit)
+    block_n: int  # output channels per program
+    block_k: int
+    split_k: int  # programs sharing one output tile, each summing a contiguous share of K
+    num_warps: int
+    num_stages: int
+    # Matrix-unit kernel only: weight tile as the left operand ([N, K] @ [K, M]), so a few tokens
+    # still fill the unit's rows; False multiplies [M, K] @ [K, N] as a plain matmul does.
+    swap_ab: bool = True
+
+
+def _pow2_at_least(n: int, low: int) -> int:
+    return max(low, 1 << max(0, (n - 1).bit_length()))
+
+
+def kernel_config(m: int, n: int, k: int, num_sms: int) -> KernelConfig:
+    """Tile shapes for an [m, k] x [k, n] product, picked from the sweep of `gemma_serve.bench.quant_bench`
+    on an H200 (docs/benchmarks.md). Decode sizes are bound by streaming the weights: one token runs
+    on the FMA units with 4-8 output rows per program and 4 KB of weights per step of its K loop
+    (thousands of programs keep every SM's loads in flight; K tiles that divide K, a ragged tile
+    costs more than it saves); a few tokens use narrow output tiles on the matrix units with long K
+    tiles, and split K when the output has too few tiles to give every SM two programs. Larger m
+    tiles the tokens too, as a plain matmul does."""
+    swap = True
+    split_target = 2 * num_sms  # programs to reach by splitting K
+    if m == 1:
+        block_m, warps, stages = 1, 4, 2
+        block_n, block_k = (4, 1024) if k % 1024 == 0 else (8, 512)
+    elif m <= 16:
+        block_m, warps, stages = 16, 4, 3
+        if n >= 8192 or k > 4096:  # gate_up, and down (split K: its 2560 outputs make few tiles)
+            block_n, block_k, stages = 64, 128, 4
+        else:  # qkv and o: K short enough that splitting it measured slower
+            block_n, block_k, split_target = 32, 512, 0
+    elif m <= 64:
+        block_m, block_n, block_k, warps, stages = _pow2_at_least(m, 32), 64, 128, 4, 4
+    elif n >= 8192:
+        block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 4
+    else:
+        block_m, block_n, block_k, warps, stages, swap = 128, 64, 128, 8, 3, False
+    block_n = min(block_n, _pow2_at_least(n, 1 if m == 1 else 16))
+    block_k = min(block_k, _pow2_at_least(k, 16))
+    tiles = -(-n // block_n) * -(-m // block_m)
+    k_tiles = -(-k // block_k)
+    split = 1
+    # Each share keeps at least two K tiles, so the loads still pipeline.
+    while tiles * split < split_target and k_tiles >= 4 * split:
+        split *= 2
+    return KernelConfig(block_m, block_n, block_k, split, warps, stages, swap)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# How the kernel widens weights: the framework's conversion (to fp16 activations), or integer and
+# float adds into bf16 for INT8 and for FP8 (see `_widen_exact`).
+_WIDEN_CONVERT, _WIDEN_INT8, _WIDEN_FP8 = 0, 1, 2
+
+if triton is not None:
+    _FP8_REBIAS = tl.constexpr(2.0 ** 120)  # float32 exponent bias 127 against e4m3's 7
+
+    @triton.jit
+    def _widen_exact(w, KIND: tl.constexpr):
+        """8-bit weights -> bf16 without conversion instructions, which issue at a fraction of the
+        rate of plain integer and float operations: at decode batch sizes widening every weight, not
+        the matmul, is what the arithmetic units spend their time on. The float32 from
+        `_widen_to_float32` is an INT8 or e4m3 value, so it fits bf16's 8-bit significand and its
+        upper 16 bits are that bf16 exactly."""
+        f = _widen_to_float32(w, KIND)
+        return (f.to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _widen_to_float32(w, KIND: tl.constexpr):
+        """8-bit weights -> float32 holding exactly their value: bit operations and one float add
+        (INT8) or multiply (fp8) each."""
+        u = w.to(tl.uint8, bitcast=True).to(tl.uint32)
+        if KIND == 1:
+            # (q + 128) in the low mantissa bits of 2^23: the float is 2^23 + 128 + q, exactly.
+            f = (u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        else:
+            # e4m3's sign, exponent and mantissa moved into float32's fields read as value * 2^-120;
+            # exact because stored weights hold no e4m3 subnormals (`quantize_weight` rounds them).
+            f = (((u & 0x80) << 24) | ((u & 0x7F) << 20)).to(tl.float32, bitcast=True) * _FP8_REBIAS
+        return f
+
+    @triton.jit
+    def _weight_only_gemv_kernel(X, W, S, OUT, N, K, stride_wn, stride_split, split_k, BLOCK_N: tl.constexpr,
+                                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WIDEN: tl.constexpr):
+        """One token: OUT[split][n] = scale[n] * sum over this split's K of x[k] * W[n, k], on the FMA
+        units (a matrix unit would idle 15 of its 16 rows). Weights go straight from memory to
+        registers; the products accumulate per lane and are summed across K once, at the end."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        rows = (offs_n % N).to(tl.int64)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        per_split = tl.cdiv(k_tiles, split_k)
+        first = pid_k * per_split
+        last = tl.minimum(first + per_split, k_tiles)
+        w_ptrs = W + rows[:, None] * stride_wn + (first * BLOCK_K + offs_k)[None, :]
+        x_ptrs = X + first * BLOCK_K + offs_k
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for t in range(first, last):
+            if EVEN_K:
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                x = tl.load(x_ptrs)
+            else:
+                cols = t * BLOCK_K + offs_k
+                w = tl.load(W + rows[:, None] * stride_wn + tl.minimum(cols, K - 1)[None, :],
+                            eviction_policy="evict_first")
+                x = tl.load(X + cols, mask=cols < K, other=0.0)
+            if WIDEN == 0:
+                wf = w.to(tl.float32)
+            else:
+                wf = _widen_to_float32(w, WIDEN)
+            acc += wf * x.to(tl.float32)[None, :]
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        y = tl.sum(acc, axis=1) * tl.load(S + rows)
+        tl.store(OUT + pid_k * stride_split + offs_n, y.to(OUT.dtype.element_ty), mask=offs_n < N)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _weight_only_matmul_kernel(X, W, S, OUT, M, N, K, stride_xm, stride_wn, stride_om, stride_split, split_k,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                   EVEN_K: tl.constexpr, WIDEN: tl.constexpr, SWAP_AB: tl.constexpr):
+        """OUT[split][m, n] = scale[n] * sum over this split's K of X[m, k] * W[n, k] on the matrix
+        units. With SWAP_AB the product is computed transposed, [BLOCK_N, BLOCK_M] = W tile @ X
+        tile^T, so the weight fills the unit's row dimension even for a few tokens. Out-of-range rows
+        and columns are read wrapped around (always in bounds, no load masks) and never stored."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_k = tl.arange(0, BLOCK_K)
+        rows_w = (offs_n % N).to(tl.int64)
+        rows_x = (offs_m % M).to(tl.int64)
+        k_tiles = tl.cdiv(K, BLOCK_K)
+        per_split = tl.cdiv(k_tiles, split_k)
+        first = pid_k * per_split
+        last = tl.minimum(first + per_split, k_tiles)
+        k0 = first * BLOCK_K
+        if SWAP_AB:
+            w_ptrs = W + rows_w[:, None] * stride_wn + (k0 + offs_k)[None, :]  # [BLOCK_N, BLOCK_K]
+            x_ptrs = X + rows_x[None, :] * stride_xm + (k0 + offs_k)[:, None]  # [BLOCK_K, BLOCK_M]
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            w_ptrs = W + rows_w[None, :] * stride_wn + (k0 + offs_k)[:, None]  # [BLOCK_K, BLOCK_N]
+            x_ptrs = X + rows_x[:, None] * stride_xm + (k0 + offs_k)[None, :]  # [BLOCK_M, BLOCK_K]
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for t in range(first, last):
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+                x = tl.load(x_ptrs)
+            else:
+                # Ragged last tile: the weight is read at clamped columns (finite values, also for
+                # fp8, whose `other=` fill Triton cannot build) against zeroed activations.
+                cols = tl.minimum(t * BLOCK_K + offs_k, K - 1)
+                live = t * BLOCK_K + offs_k < K
+                if SWAP_AB:
+                    w = tl.load(W + rows_w[:, None] * stride_wn + cols[None, :])
+                    x = tl.load(x_ptrs, mask=live[:, None], other=0.0)
+                else:
+                    w = tl.load(W + rows_w[None, :] * stride_wn + cols[:, None])
+                    x = tl.load(x_ptrs, mask=live[None, :], other=0.0)
+            if WIDEN == 0:
+                w = w.to(X.dtype.element_ty)
+            else:
+                w = _widen_exact(w, WIDEN)
+            if SWAP_AB:
+                acc = tl.dot(w, x, acc=acc)
+            else:
+                acc = tl.dot(x, w, acc=acc)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        out = OUT + pid_k * stride_split
+        if SWAP_AB:
+            acc = acc * tl.load(S + rows_w)[:, None]
+            tl.store(out + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None], acc.to(OUT.dtype.element_ty),
+                     mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
+        else:
+            acc = acc * tl.load(S + rows_w)[None, :]
+            tl.store(out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc.to(OUT.dtype.element_ty),
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+    @triton.jit
+    def _sum_splits_kernel(P, Y, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        """Y = sum over splits of P [SPLIT_K, numel] (float32), added in split order."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(P + s * numel + offs, mask=mask, other=0.0)
+        tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=mask)
+
+
+def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                              config: KernelConfig | None = None) -> torch.Tensor:
+    """The Triton path of `weight_only_linear` (x bf16/fp16, qweight int8 or fp8 e4m3 [N, K] with
+    contiguous rows, scale float32 [N]). Static shapes for a given x: CUDA-graph capturable."""
+    k = x.shape[-1]
+    n = qweight.shape[0]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    cfg = config or kernel_config(m, n, k, _num_sms(x.device.index or 0))
+    widen = _WIDEN_CONVERT
+    if x.dtype == torch.bfloat16:
+        widen = _WIDEN_INT8 if qweight.dtype == torch.int8 else _WIDEN_FP8
+    # Splits cover whole K tiles, so only a ragged last tile needs masks.
+    even_k = k % cfg.block_k == 0
+    grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
+    out = y if cfg.split_k == 1 else torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
+    if cfg.block_m == 1:
+        if m != 1:
+            raise ValueError(f"the one-token kernel (block_m 1) got {m} rows")
+        _weight_only_gemv_kernel[(grid[0], grid[2])](x2, qweight, scale, out, n, k, qweight.stride(0), m * n,
+                                                     cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                                                     EVEN_K=even_k, WIDEN=widen, num_warps=cfg.num_warps,
+                                                     num_stages=cfg.num_stages)
+    else:
+        _weight_only_matmul_kernel[grid](x2, qweight, scale, out, m, n, k, x2.stride(0), qweight.stride(0), n,
+                                         m * n, cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                         BLOCK_K=cfg.block_k, EVEN_K=even_k, WIDEN=widen, SWAP_AB=cfg.swap_ab,
+                                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.split_k > 1:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](out, y, m * n, SPLIT_K=cfg.split_k, BLOCK=block,
+                                                          num_warps=4)
+    return y.reshape(*x.shape[:-1], n)
