@@ -51,7 +51,8 @@ class InProcessEngineClient:
     """`TritonClient`'s interface over an `AsyncEngine` in this process: `generate()` streams
     `TokenChunk`s and raises `TritonRequestError` of the same kinds, so `GenerationPipeline` cannot tell
     the two apart. Requests become engine requests through the functions the Triton model uses
-    (`sampling_params`, `engine_images`), and chunks are cut as it cuts them (one per engine delta)."""
+    (`sampling_params`, `engine_images`), and chunks are cut as it cuts them (one per engine delta, or
+    one for the deltas that piled up while the loop was busy)."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
@@ -86,9 +87,11 @@ class InProcessEngineClient:
         pending_logprobs: list[float] = []
         try:
             async for output in stream:
-                pending_ids.extend(output.new_token_ids)
-                if request.logprobs and output.new_logprobs is not None:
-                    pending_logprobs.extend(output.new_logprobs)
+                # As the Triton model coalesces; `output` ends as the latest delta.
+                for output in [output, *stream.take_ready()]:
+                    pending_ids.extend(output.new_token_ids)
+                    if request.logprobs and output.new_logprobs is not None:
+                        pending_logprobs.extend(output.new_logprobs)
                 if request.streaming or output.finished:
                     yield TokenChunk(pending_ids, prompt_len + output.num_output_tokens,
                                      pending_logprobs if request.logprobs else None)

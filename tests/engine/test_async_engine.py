@@ -151,3 +151,36 @@ async def test_full_queue_is_refused_at_add_time(checkpoints):
         lengths.append(sum([len(out.new_token_ids) async for out in stream]))
     assert lengths == [2, 2]
     engine.shutdown()
+
+
+async def test_a_slow_consumer_takes_the_piled_up_deltas_at_once(checkpoints, async_engine):
+    """take_ready() hands over what the engine delivered while the consumer was away, in order, and
+    nothing is lost or repeated: the tokens equal the synchronous engine's."""
+    folder, _ = checkpoints["gemma3"]
+    p, params = prompt(77, 9), SamplingParams(max_tokens=12, temperature=0.0)
+    expected = engine_for(folder).generate([p], params)[0]
+    stream = async_engine.add_request("slow", p, params)
+    first = await stream.__anext__()
+    await asyncio.sleep(1.0)  # the engine runs ahead: the rest of the deltas pile up in the stream
+    ready = stream.take_ready()
+    assert len(ready) >= 2 and ready[-1].finished
+    assert first.new_token_ids + [t for out in ready for t in out.new_token_ids] == expected
+    assert stream.take_ready() == []
+    with pytest.raises(StopAsyncIteration):
+        await stream.__anext__()
+
+
+async def test_an_error_met_by_take_ready_is_raised_by_the_next_read(async_engine, monkeypatch):
+    runner = async_engine.engine.runner
+    stream = async_engine.add_request("doomed", prompt(8, 6), SamplingParams(max_tokens=50))
+    await stream.__anext__()
+
+    def broken(chunks):
+        raise RuntimeError("device on fire")
+
+    monkeypatch.setattr(runner, "run", broken)
+    await asyncio.sleep(0.5)
+    stream.take_ready()  # the deltas before the failure, then the error is held back
+    with pytest.raises(RuntimeError, match="device on fire"):
+        await stream.__anext__()
+    assert stream.take_ready() == []

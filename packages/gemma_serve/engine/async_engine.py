@@ -45,6 +45,7 @@ class RequestStream:
         self._engine = engine
         self._request = request
         self._done = False
+        self._error: BaseException | None = None  # met by take_ready(), raised by the next __anext__
 
     @property
     def request_id(self) -> str:
@@ -54,6 +55,9 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
+        if self._error is not None:
+            error, self._error, self._done = self._error, None, True
+            raise error
         if self._done:
             raise StopAsyncIteration
         try:
@@ -67,6 +71,25 @@ class RequestStream:
         if item.finished:
             self._done = True
         return item
+
+    def take_ready(self) -> list[RequestOutput]:
+        """The outputs already delivered, without waiting. A consumer that falls behind the engine
+        (many streams, one event loop) sends what piled up as one message instead of one per step;
+        one that keeps up gets [] and adds no latency. An error met here is raised by the next
+        `__anext__`."""
+        ready: list[RequestOutput] = []
+        while not self._done and self._error is None:
+            try:
+                item = self._request.sink.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if isinstance(item, BaseException):
+                self._error = item
+                break
+            if item.finished:
+                self._done = True
+            ready.append(item)
+        return ready
 
     async def aclose(self) -> None:
         self._leave()

@@ -183,10 +183,14 @@ class EngineModel:
                     next_output = None
                     break
                 next_output = None
-                pending_ids.extend(output.new_token_ids)
-                if gen.logprobs and output.new_logprobs is not None:
-                    pending_logprobs.extend(output.new_logprobs)
-                self._tokens.increment(len(output.new_token_ids))
+                # Steps that piled up while this loop was busy go out as one response: one IPC message
+                # to tritonserver instead of one per token (see RequestStream.take_ready). `output`
+                # ends as the latest delta.
+                for output in [output, *iterator.take_ready()]:
+                    pending_ids.extend(output.new_token_ids)
+                    if gen.logprobs and output.new_logprobs is not None:
+                        pending_logprobs.extend(output.new_logprobs)
+                    self._tokens.increment(len(output.new_token_ids))
                 if gen.streaming or output.finished:
                     chunk = TokenChunk(pending_ids, prompt_len + output.num_output_tokens,
                                        pending_logprobs if gen.logprobs else None)
