@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -14,6 +13,7 @@ import openai
 import pytest
 
 from gemma_serve.triton.server import free_port
+from tests.e2e.serve_process import wait_until_serving
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -33,16 +33,7 @@ def direct(tiny_model_dir, tmp_path_factory):
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "serve --direct was not ready in time"
-            try:
-                if httpx.get(f"{url}/v1/models/model", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
+        wait_until_serving(proc, url, log_path, timeout_s=180)
         yield proc, url, log_path
     finally:
         if proc.poll() is None:

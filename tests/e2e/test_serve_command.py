@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from gemma_serve.triton.server import free_port
+from tests.e2e.serve_process import wait_until_serving
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -69,15 +70,7 @@ def test_serve_answers_predict_and_ctrl_c_stops_everything(tiny_model_dir, tmp_p
                              "--model", str(tiny_model_dir)], cwd=REPO, env=env, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models/model", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_serving(proc, f"http://127.0.0.1:{port}", tmp_path / "serve.log", timeout_s=300)
         resp = httpx.post(f"http://127.0.0.1:{port}/v1/models/model:predict",
                           json={"prompt": "hi", "max_tokens": 3, "ignore_eos": True}, timeout=60)
         assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
