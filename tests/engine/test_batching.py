@@ -112,7 +112,7 @@ def test_token_budget_is_respected_every_step(checkpoints):
         chunks = engine.scheduler.schedule()
         assert sum(c.num_tokens for c in chunks) <= 10
         assert len(engine.scheduler.running) <= 4
-        engine._postprocess(chunks, engine.runner.run(chunks))
+        engine.run_step(chunks)
 
 
 def test_limits_reject_or_refuse_with_clear_errors(checkpoints):
@@ -142,7 +142,7 @@ def test_decodes_keep_running_while_a_long_prompt_is_prefilled_in_chunks(checkpo
         chunks = engine.scheduler.schedule()
         assert chunks[0].seq.request_id == "decoding" and chunks[0].num_tokens == 1
         assert sum(c.num_tokens for c in chunks) <= 8
-        outputs = engine._postprocess(chunks, engine.runner.run(chunks))
+        outputs = engine.run_step(chunks)
         assert [o.request_id for o in outputs] == ["decoding"]
     alone = engine_for(folder).generate([prompt(30, 3)], SamplingParams(max_tokens=20, **GREEDY))[0]
     decoded = list(engine.sequences["decoding"].output_token_ids)

@@ -84,9 +84,49 @@ def test_steps_with_prefill_chunks_or_too_many_rows_run_eagerly(checkpoints):
     engine.add_request("a", prompt(1, 9), SamplingParams(max_tokens=4, temperature=0.0))
     chunks = engine.scheduler.schedule()
     assert not graphs.can_run(chunks)  # a prefill
-    engine._postprocess(chunks, engine.runner.run(chunks))
+    engine.run_step(chunks)
     chunks = engine.scheduler.schedule()
     assert graphs.can_run(chunks)  # one decode
     assert sum(g.replays for g in graphs.graphs.values()) == 0
-    engine._postprocess(chunks, engine.runner.run(chunks))
+    engine.run_step(chunks)
     assert graphs.graphs[1].replays == 1
+
+
+def test_host_block_table_rows_follow_regrowth_and_reallocation(checkpoints):
+    """The graph runner rewrites only what changed of each host row of the block tables: a table
+    that grew, a row given to another sequence, a sequence whose blocks were freed and reallocated
+    (same length, other blocks), a row that became padding."""
+    from gemma_serve.engine.scheduler import ScheduledChunk
+    from gemma_serve.engine.sequence import Sequence
+
+    folder, _ = checkpoints["gemma1"]
+    engine = engine_for(folder, cuda_graphs=False, enable_prefix_caching=False)
+    graphs = simulated_graphs(engine)
+    bm = engine.block_manager
+    params = SamplingParams(max_tokens=5)
+    a, b = (Sequence(name, prompt(i, 20), params, i) for i, name in enumerate("ab"))
+    bm.allocate(a)
+    bm.allocate(b)
+
+    def sent(rows: int) -> list[list[int]]:
+        return graphs.block_tables[:rows].tolist()
+
+    graphs.run([ScheduledChunk(a, 19, 1), ScheduledChunk(b, 19, 1)])
+    assert [r[:5] for r in sent(2)] == [a.block_table, b.block_table]
+    a.token_ids.append(7)
+    bm.grow(a, 21)  # a sixth block
+    graphs.run([ScheduledChunk(a, 20, 1), ScheduledChunk(b, 19, 1)])
+    assert sent(1)[0][:6] == a.block_table
+    old = list(a.block_table)
+    bm.free_blocks(a)
+    c = Sequence("c", prompt(9, 30), params, 2)
+    bm.allocate(c)  # takes the oldest free blocks first: a's come back in another order, or others
+    bm.allocate(a)
+    assert a.block_table != old[:len(a.block_table)]
+    graphs.run([ScheduledChunk(a, 20, 1), ScheduledChunk(c, 29, 1), ScheduledChunk(b, 19, 1)])
+    rows = sent(4)
+    assert rows[0][:6] == a.block_table and rows[1][:8] == c.block_table and rows[2][:5] == b.block_table
+    assert rows[3][0] == graphs.scratch_block  # the padding row of the batch of 4
+    graphs.run([ScheduledChunk(a, 20, 1)])
+    graphs.run([ScheduledChunk(a, 20, 1), ScheduledChunk(b, 19, 1)])
+    assert sent(2)[1][:5] == b.block_table

@@ -1,5 +1,5 @@
-"""CUDA-graph decode steps and the Triton kernels they replay, on a GPU: the paged decode kernel and
-the fused norms against the PyTorch path, greedy output with graphs on identical to graphs off and
+"""CUDA-graph decode steps and the Triton kernels they replay, on a GPU: the paged decode kernel
+against the PyTorch path (the fused layer kernels: test_fused_kernels.py), greedy output with graphs on identical to graphs off and
 to transformers (float32), batch invariance under graphs, padding rows confined to the scratch
 block, and bf16 logits of the Gemma 3 4B shapes against a float32 run on the same random weights."""
 
@@ -12,7 +12,6 @@ import torch
 from gemma_serve.engine import attention
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.llm_engine import LLMEngine
-from gemma_serve.engine.models import gemma
 from gemma_serve.engine.sampling_params import SamplingParams
 from gemma_serve.engine.scheduler import ScheduledChunk
 from gemma_serve.engine.sequence import Sequence
@@ -44,9 +43,9 @@ def count_replays(engine) -> list[int]:
     counter = [0]
     run = graphs.run
 
-    def counting(chunks):
+    def counting(chunks, *args):
         counter[0] += 1
-        return run(chunks)
+        return run(chunks, *args)
 
     graphs.run = counting
     return counter
@@ -88,28 +87,6 @@ def test_paged_decode_kernel_matches_pytorch_path(dtype, tensor_cores, heads, kv
         outs.append(out)
     # The grid (sized by the longest context allowed) does not change any result.
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], outs[3])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_norms_match_pytorch(dtype):
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    norm = gemma.RMSNorm(256, 1e-6).to("cuda", dtype)
-    with torch.no_grad():
-        norm.weight.copy_(torch.randn(256, device="cuda", generator=gen) * 0.3)
-    qkv = torch.randn(5, 16 * 256, device="cuda", generator=gen).to(dtype)
-    q = qkv[:, :8 * 256].view(5, 8, 256)  # a strided view, as the model passes it
-    table = gemma.RotaryTable(256, 10000.0, 1.0, 64).to("cuda")
-    cos, sin = (t[:, None, :].to(dtype) for t in table(torch.tensor([0, 3, 17, 40, 63], device="cuda")))
-    x = torch.randn(7, 256, device="cuda", generator=gen).to(dtype)
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
-    for inp in (x, q):
-        x32 = inp.float()
-        ref = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + norm.weight.float())).to(dtype)
-        assert rel_err(norm(inp), ref) < tol
-    fused = gemma._norm_rope_triton(q, norm.weight, norm.eps, cos, sin)
-    x32 = q.float()
-    normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + norm.weight.float())).to(dtype)
-    assert rel_err(fused, gemma.apply_rotary(normed, cos, sin)) < tol
 
 
 # -- engine ----------------------------------------------------------------------------------------
@@ -245,3 +222,30 @@ def test_bf16_graph_logits_of_gemma3_4b_shapes_match_float32():
     # and eager alike; the pure-PyTorch path on CPU: 2.2e-2), so 1e-2 is out of reach for any bf16
     # run of this model; 3e-2 catches a broken kernel (which lands at O(1)).
     assert max(errs) < 3e-2
+
+
+@pytest.mark.parametrize("generation", ["gemma2", "gemma3"])
+def test_overlapped_steps_match_synchronous_steps_on_gpu(checkpoints, generation):  # noqa: F811
+    """Real graphs, pinned-memory draws read after the next step is queued: the same tokens,
+    logprobs and finish reasons as synchronous steps (stop tokens, seeds, a penalised request)."""
+    from tests.engine.test_overlap import mixed_requests, run_all
+
+    folder, _ = checkpoints[generation]
+    requests, join_at = mixed_requests(5)
+    expected = run_all(cuda_engine(folder, max_num_batched_tokens=32, overlap_steps=False), requests, join_at)
+    engine = cuda_engine(folder, max_num_batched_tokens=32)
+    launches = [0]
+    launch = engine.runner.launch
+
+    def counting(chunks, previous):
+        launches[0] += 1
+        return launch(chunks, previous)
+
+    engine.runner.launch = counting
+    got = run_all(engine, requests, join_at)
+    assert launches[0] > 5
+    for rid in requests:
+        tokens, reasons, logprobs, count = got[rid]
+        e_tokens, e_reasons, e_logprobs, e_count = expected[rid]
+        assert (tokens, reasons, count) == (e_tokens, e_reasons, e_count), rid
+        assert logprobs == pytest.approx(e_logprobs, abs=1e-5)

@@ -38,6 +38,9 @@ class EngineConfig:
     load_format: str = "auto"
     # Capture decode steps as CUDA graphs (CUDA only).
     cuda_graphs: bool = True
+    # Launch a graphed decode step before reading the previous step's tokens, so the host's work
+    # (post-processing, scheduling, preparing) overlaps the GPU's (LLMEngine.step).
+    overlap_steps: bool = True
     # Gemma 3 images: projected features of recently seen images (by content hash) stay on the device,
     # so a repeated image is not encoded again. Gemma 3 4B: 256 x 2560 bf16 = 1.3 MB per image.
     image_feature_cache_entries: int = 128

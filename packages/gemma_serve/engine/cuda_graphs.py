@@ -20,6 +20,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from gemma_serve.engine.attention import AttentionMetadata
@@ -53,9 +54,15 @@ class DecodeGraphs:
         self.max_batch = self.sizes[-1]
         self.max_blocks = -(-runner.max_model_len // runner.block_size)
         dev = self.device
-        # Rows: token ids, positions, cache slots, context lengths.
-        self.vectors = torch.zeros(4, self.max_batch, dtype=torch.long, device=dev)
+        # Rows: token ids, positions, cache slots, context lengths (what the graphs read), and for
+        # overlapped steps the row of the previous step's draws that holds each row's token (-1: none).
+        self.vectors = torch.zeros(5, self.max_batch, dtype=torch.long, device=dev)
         self.block_tables = torch.zeros(self.max_batch, self.max_blocks, dtype=torch.long, device=dev)
+        # The host's copy of the block tables, row by row as last sent: a row is rewritten only from
+        # where its sequence's table changed (tables grow one block every block_size tokens), instead
+        # of rebuilding batch x blocks ids each step. Per row: (sequence, its table epoch, length sent).
+        self.host_tables = np.full((self.max_batch, self.max_blocks), scratch_block, dtype=np.int64)
+        self.row_state: list[tuple[Sequence, int, int] | None] = [None] * self.max_batch
         self.query_start = torch.arange(self.max_batch + 1, dtype=torch.long, device=dev)
         self.logits_indices = torch.arange(self.max_batch, dtype=torch.long, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -118,30 +125,49 @@ class DecodeGraphs:
     def can_run(self, chunks: list[ScheduledChunk]) -> bool:
         return 0 < len(chunks) <= self.max_batch and all(c.num_tokens == 1 for c in chunks)
 
-    def run(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, list[Sequence]]:
+    def run(self, chunks: list[ScheduledChunk], previous_tokens: torch.Tensor | None = None,
+            previous_rows: list[int] | None = None) -> tuple[torch.Tensor, list[Sequence]]:
         """Replay the graph for a step of single-token chunks. Returns the logits of the rows that
-        sample (a view into the graph's output, valid until the next replay) and their sequences."""
+        sample (a view into the graph's output, valid until the next replay) and their sequences.
+        `previous_rows[i] >= 0`: row i's token is `previous_tokens[previous_rows[i]]`, a draw of the
+        previous step still on the device (its host value is PENDING_TOKEN)."""
         n = len(chunks)
         batch = self.sizes[bisect.bisect_left(self.sizes, n)]
         bs = self.block_size
         ids, positions, slots, ctx_lens = [], [], [], []
         width = 1
-        for c in chunks:
-            table = c.seq.block_table
+        tables, states = self.host_tables, self.row_state
+        for i, c in enumerate(chunks):
+            seq = c.seq
+            table = seq.block_table
             pos = c.start
-            ids.append(c.seq.token_ids[pos])
+            ids.append(max(0, seq.token_ids[pos]))  # a pending token is filled in on the device
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             ctx_lens.append(pos + 1)
-            width = max(width, len(table))
+            length = len(table)
+            width = max(width, length)
+            state = states[i]
+            sent = state[2] if state is not None and state[0] is seq and state[1] == seq.block_table_epoch else 0
+            if sent < length:
+                tables[i, sent:length] = table[sent:]
+                states[i] = (seq, seq.block_table_epoch, length)
         pad = batch - n
-        host = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad,
-                             ctx_lens + [1] * pad], dtype=torch.long)
-        tables = torch.tensor([c.seq.block_table + [0] * (width - len(c.seq.block_table)) for c in chunks]
-                              + [[self.scratch_block] * width] * pad, dtype=torch.long)
-        # Columns past `width` keep stale ids: the kernel reads only the blocks below context_len.
-        self.vectors[:, :batch].copy_(host, non_blocking=True)
-        self.block_tables[:batch, :width].copy_(tables, non_blocking=True)
+        for i in range(n, batch):  # padding rows read the scratch block (context length 1)
+            if states[i] is not None:
+                tables[i, 0] = self.scratch_block
+                states[i] = None
+        rows = [ids + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad, ctx_lens + [1] * pad]
+        if previous_rows is not None:
+            rows.append(previous_rows + [-1] * pad)
+        host = torch.tensor(rows, dtype=torch.long)
+        # Columns past a row's table keep stale ids: the kernel reads only the blocks below context_len.
+        self.vectors[:len(rows), :batch].copy_(host, non_blocking=True)
+        self.block_tables[:batch, :width].copy_(torch.from_numpy(tables[:batch, :width]), non_blocking=True)
+        if previous_rows is not None:
+            src = self.vectors[4, :batch]
+            taken = previous_tokens[src.clamp(min=0)]
+            self.vectors[0, :batch] = torch.where(src >= 0, taken, self.vectors[0, :batch])
         self.graphs[batch].replay()
         logits = self.outputs[batch]
         rows = [i for i, c in enumerate(chunks) if c.samples]

@@ -1,23 +1,42 @@
-"""`LLMEngine`: schedule, run, post-process, repeat. Synchronous; `AsyncEngine` drives it from a thread."""
+"""`LLMEngine`: schedule, run, post-process, repeat. Synchronous; `AsyncEngine` drives it from a thread.
+
+Overlapped decode steps: when a step is a graphed decode step (`ModelRunner.can_overlap`), it is
+launched before the previous step's draws are read. Its inputs that the previous step sampled are
+taken on the device, and each sequence holds a PENDING_TOKEN for its not-yet-read token. The host
+then reads and post-processes the previous step (stop checks, deltas, block hashes) while the GPU
+computes this one, so the host's work per step no longer adds to the GPU's. A sequence that stops on
+a token that was still pending has computed one token too many: it is dropped, never emitted.
+Any other step first reads the step in flight and runs synchronously.
+"""
 
 from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from gemma_serve.engine.block_manager import BlockManager
 from gemma_serve.engine.config import EngineConfig
-from gemma_serve.engine.model_runner import ModelRunner
+from gemma_serve.engine.model_runner import ModelRunner, PendingStep
 from gemma_serve.engine.multimodal import ImageInput, ImageSpan, image_spans
 from gemma_serve.engine.outputs import EngineStats, RequestOutput, RequestRejectedError
 from gemma_serve.engine.sampler import SampleResult
 from gemma_serve.engine.sampling_params import SamplingParams
 from gemma_serve.engine.scheduler import ScheduledChunk, Scheduler
-from gemma_serve.engine.sequence import Sequence
+from gemma_serve.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    """A launched step: its chunks, the sequences it samples for (in draw order), its draws."""
+
+    chunks: list[ScheduledChunk]
+    sampling: list[Sequence]
+    pending: PendingStep
 
 
 class LLMEngine:
@@ -29,6 +48,7 @@ class LLMEngine:
                                    self.runner.max_model_len, config.max_queue_len)
         self.sequences: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
+        self._in_flight: _InFlight | None = None
 
     @property
     def max_model_len(self) -> int:
@@ -90,55 +110,97 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule, run the model, post-process. Returns the deltas of this step."""
+        """One iteration: schedule, run the model, post-process. Returns the deltas ready after it:
+        an overlapped step returns those of the step before it (see the module docstring)."""
         chunks = self.scheduler.schedule()
+        previous, self._in_flight = self._in_flight, None
+        if chunks and self.config.overlap_steps and self.runner.can_overlap(chunks):
+            sampling = [c.seq for c in chunks if c.samples]
+            pending = self.runner.launch(chunks, previous.pending if previous else None)
+            for chunk in chunks:
+                chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            for seq in sampling:
+                seq.token_ids.append(PENDING_TOKEN)
+                seq.num_pending += 1
+            self._in_flight = _InFlight(chunks, sampling, pending)
+            return self._finish(previous) if previous else []
+        outputs = self._finish(previous) if previous else []
+        return outputs + self.run_step(chunks)
+
+    def run_step(self, chunks: list[ScheduledChunk]) -> list[RequestOutput]:
+        """Run scheduled chunks synchronously (nothing in flight) and post-process them."""
+        # The step that was in flight may have finished sequences these chunks were scheduled for.
+        chunks = [c for c in chunks if c.seq.status == SequenceStatus.RUNNING]
         if not chunks:
             return []
+        sampling = [c.seq for c in chunks if c.samples]
         result = self.runner.run(chunks)
-        return self._postprocess(chunks, result)
-
-    def _postprocess(self, chunks: list[ScheduledChunk], result: SampleResult | None) -> list[RequestOutput]:
-        outputs = []
-        sampled = iter(zip(result.token_ids, result.logprobs or itertools.repeat(None)) if result else [])
         for chunk in chunks:
-            seq = chunk.seq
-            seq.num_computed_tokens = chunk.start + chunk.num_tokens
-            self.block_manager.register_computed(seq)
-            if not chunk.samples:
-                continue
-            token, logprob = next(sampled)
-            seq.token_ids.append(token)
+            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+        return self._postprocess(chunks, sampling, result)
+
+    def _finish(self, flight: _InFlight) -> list[RequestOutput]:
+        """Read a launched step's draws and post-process it."""
+        return self._postprocess(flight.chunks, flight.sampling, flight.pending.result(), pending=True)
+
+    def _postprocess(self, chunks: list[ScheduledChunk], sampling: list[Sequence], result: SampleResult | None,
+                     pending: bool = False) -> list[RequestOutput]:
+        """Record each sampled token (in place of its PENDING_TOKEN when `pending`), publish the
+        blocks that became full, apply stop conditions, build the deltas."""
+        outputs = []
+        logprobs = result.logprobs if result and result.logprobs else itertools.repeat(None)
+        for seq, token, logprob in zip(sampling, result.token_ids if result else [], logprobs):
+            if seq.is_finished:
+                continue  # aborted, or stopped on an earlier token, while this one was computed
+            if pending:
+                seq.token_ids[len(seq.token_ids) - seq.num_pending] = token
+                seq.num_pending -= 1
+            else:
+                seq.token_ids.append(token)
             if seq.params.logprobs:
                 seq.output_logprobs.append(logprob)
+        for chunk in chunks:
+            if not chunk.seq.is_finished:
+                self.block_manager.register_computed(chunk.seq)
+        for seq in sampling:
+            if seq.is_finished:
+                continue
             reason = self._stop_reason(seq)
             if reason is not None:
+                seq.drop_pending()
                 self.scheduler.finish(seq, reason)
                 self.sequences.pop(seq.request_id, None)
             outputs.append(self._delta(seq))
         return outputs
 
     def _stop_reason(self, seq: Sequence) -> str | None:
+        """Checked on the known tokens (a pending one is checked when it is read); indexes rather
+        than slices, since this runs for every sequence every step."""
         p = seq.params
-        out = seq.output_token_ids
-        if len(out) >= p.min_tokens:
-            if out[-1] in p.stop_token_ids:
+        ids = seq.token_ids
+        end = len(ids) - seq.num_pending
+        produced = end - seq.num_prompt_tokens
+        if produced >= p.min_tokens:
+            if ids[end - 1] in p.stop_token_ids:
                 return "stop"
             for stop in p.stop_token_sequences:
-                if len(out) >= len(stop) and tuple(out[-len(stop):]) == tuple(stop):
+                if produced >= len(stop) and tuple(ids[end - len(stop):end]) == tuple(stop):
                     return "stop"
-        if len(out) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if produced >= p.max_tokens or end >= self.max_model_len:
             return "length"
         return None
 
     def _delta(self, seq: Sequence) -> RequestOutput:
-        new = seq.output_token_ids[seq.num_emitted:]
-        logprobs = seq.output_logprobs[seq.num_emitted:] if seq.params.logprobs else None
-        seq.num_emitted = seq.num_output_tokens
+        produced = seq.num_output_tokens - seq.num_pending
+        first = seq.num_prompt_tokens + seq.num_emitted
+        new = seq.token_ids[first:seq.num_prompt_tokens + produced]
+        logprobs = seq.output_logprobs[seq.num_emitted:produced] if seq.params.logprobs else None
+        seq.num_emitted = produced
         return RequestOutput(seq.request_id, new, seq.is_finished, seq.finish_reason, seq.num_prompt_tokens,
-                             seq.num_output_tokens, logprobs)
+                             produced, logprobs)
 
     def stats(self) -> EngineStats:
         return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),

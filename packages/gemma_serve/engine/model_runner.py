@@ -20,9 +20,9 @@ from gemma_serve.engine.models.gemma import GemmaModel
 from gemma_serve.engine.models.vision import VisionEncoder
 from gemma_serve.engine.multimodal import FeatureCache, ImageInput, MultimodalConfig
 from gemma_serve.engine.quantization import check_quantization, quantize_model
-from gemma_serve.engine.sampler import SampleResult, sample
+from gemma_serve.engine.sampler import SampledTokens, SampleResult, needs_history, sample, sample_on_device
 from gemma_serve.engine.scheduler import ScheduledChunk
-from gemma_serve.engine.sequence import Sequence
+from gemma_serve.engine.sequence import PENDING_TOKEN, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,40 @@ class StepInputs:
     image_pieces: list[tuple[ImageInput, int, int]] | None = None
 
 
+class PendingStep:
+    """A launched step whose draws the host has not read: the device tensor feeds the next step's
+    inputs, a copy to pinned host memory (CUDA) is read by `result` once the GPU reaches it."""
+
+    def __init__(self, seqs: list[Sequence], sampled: SampledTokens | None,
+                 host: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self.seqs = seqs
+        self.sampled = sampled
+        self.event = None
+        self._host = None
+        if sampled is not None and host is not None:
+            n = len(seqs)
+            ids, logprobs = host[0][:n], host[1][:n]
+            ids.copy_(sampled.token_ids, non_blocking=True)
+            if sampled.logprobs is not None:
+                logprobs.copy_(sampled.logprobs, non_blocking=True)
+            self._host = SampledTokens(ids, logprobs if sampled.logprobs is not None else None)
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        return self.sampled.token_ids if self.sampled is not None else None
+
+    def result(self) -> SampleResult | None:
+        """Wait for the step's draws (only for them: later work stays queued) and return them."""
+        if self.sampled is None:
+            return None
+        if self.event is not None:
+            self.event.synchronize()
+            return self._host.to_host()
+        return self.sampled.to_host()
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -144,12 +178,44 @@ class ModelRunner:
         tokens = self.num_blocks * self.block_size
         logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f sequences of max_model_len %d)",
                     self.num_blocks, self.block_size, tokens, tokens / self.max_model_len, self.max_model_len)
+        # Two pinned buffers for the draws of overlapped steps: one being read, one being written.
+        self._draw_buffers = []
+        if self.device.type == "cuda":
+            self._draw_buffers = [(torch.empty(config.max_num_seqs, dtype=torch.long, pin_memory=True),
+                                   torch.empty(config.max_num_seqs, dtype=torch.float32, pin_memory=True))
+                                  for _ in range(2)]
+        self._launches = 0
         self.graphs = None
         if use_graphs:
             from gemma_serve.engine.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, scratch_block=self.num_blocks)
             self.graphs.capture()
+        if self.device.type == "cuda":
+            self._warm_up()
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """One eager step (a decode row and a short prefill chunk) before serving, so that Triton
+        compiles the eager path's kernels now rather than during the first requests. It writes the
+        graphs' scratch block, or block 0: nothing is allocated yet, and a block is always written
+        before it is read."""
+        start = time.monotonic()
+        block = self.num_blocks if self.graphs is not None else 0
+        slot = block * self.block_size
+        dev = self.device
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long, device=dev)
+
+        n = min(3, self.block_size)  # the chunk stays within the one block
+        meta = AttentionMetadata(
+            slot_mapping=tensor([slot] + [slot + i for i in range(n)]), block_tables=tensor([[block], [block]]),
+            context_lens=tensor([1, n]), query_start=tensor([0, 1, 1 + n]), num_decodes=1, max_decode_context_len=1,
+            query_start_host=[0, 1, 1 + n], context_lens_host=[1, n], decode_split_len=self.decode_split_len)
+        self.model(tensor([0] * (1 + n)), tensor([0] + list(range(n))), self.kv_caches, meta, tensor([0, n]))
+        torch.cuda.synchronize(dev)
+        logger.info("warmed up the eager (prefill) path in %.1f s", time.monotonic() - start)
 
     def _load_vision(self, folder) -> VisionEncoder:
         with torch.device("meta"), _default_dtype(self.dtype):
@@ -268,6 +334,29 @@ class ModelRunner:
                 found[digest] = feats
                 self.feature_cache.put(digest, feats)
         return found
+
+    def can_overlap(self, chunks: list[ScheduledChunk]) -> bool:
+        """The step can be launched before the previous step's draws are read: a graphed decode step
+        (its token ids can be taken on the device) whose sampling reads no earlier token's value."""
+        return (self.graphs is not None and self.graphs.can_run(chunks)
+                and not any(c.seq.image_spans and c.seq.spans_in(c.start, c.start + 1) for c in chunks)
+                and not any(needs_history(c.seq) for c in chunks))
+
+    @torch.inference_mode()
+    def launch(self, chunks: list[ScheduledChunk], previous: PendingStep | None) -> PendingStep:
+        """Queue a step `can_overlap` accepted without waiting for the GPU. A chunk whose input
+        token is PENDING_TOKEN takes that token from `previous`'s draws on the device."""
+        rows = None
+        if previous is not None and previous.tokens is not None:
+            where = {id(seq): i for i, seq in enumerate(previous.seqs)}
+            rows = [where[id(c.seq)] if c.seq.token_ids[c.start] == PENDING_TOKEN else -1 for c in chunks]
+            if max(rows) < 0:
+                rows = None
+        logits, seqs = self.graphs.run(chunks, previous.tokens if rows else None, rows)
+        sampled = sample_on_device(logits, seqs) if seqs else None
+        buffers = self._draw_buffers[self._launches % 2] if self._draw_buffers else None
+        self._launches += 1
+        return PendingStep(seqs, sampled, buffers)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk]) -> SampleResult | None:

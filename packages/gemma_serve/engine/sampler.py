@@ -85,13 +85,38 @@ def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor)
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+@dataclass
+class SampledTokens:
+    """A step's draws still on the device: nothing has waited for the GPU yet."""
+
+    token_ids: torch.Tensor  # [rows] int64
+    logprobs: torch.Tensor | None  # [rows] float32, when any row asked
+
+    def to_host(self) -> SampleResult:
+        return SampleResult(self.token_ids.tolist(), self.logprobs.tolist() if self.logprobs is not None else None)
+
+
+def needs_history(seq: Sequence) -> bool:
+    """Sampling this sequence reads its earlier output tokens' values (penalties, bad words), so its
+    previous token must be on the host before its next step is sampled."""
+    p = seq.params
+    return (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+            or bool(p.bad_token_sequences))
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
     """logits: [rows, vocab] float32, one row per sequence. Modified in place."""
+    return sample_on_device(logits, seqs).to_host()
+
+
+def sample_on_device(logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
+    """As `sample`, without waiting for the GPU: the draws stay on the logits' device."""
     _penalize(logits, seqs)
     _ban(logits, seqs)
     device = logits.device
-    temps = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in seqs], device=device)
-    logits = logits / temps[:, None]
+    temperatures = [1.0 if s.params.greedy else s.params.temperature for s in seqs]
+    if any(t != 1.0 for t in temperatures):  # a full [rows, vocab] pass, skipped when no row needs it
+        logits = logits / torch.tensor(temperatures, device=device)[:, None]
     want_logprobs = any(s.params.logprobs for s in seqs)
     logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
 
@@ -112,8 +137,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
             if generator is not None:
                 draws[j] = torch.multinomial(probs[j], 1, generator=generator)[0]
         chosen[idx] = draws
-    token_ids = chosen.tolist()
     logprobs = None
     if logprobs_all is not None:
-        logprobs = logprobs_all.gather(1, chosen[:, None]).squeeze(-1).tolist()
-    return SampleResult(token_ids, logprobs)
+        logprobs = logprobs_all.gather(1, chosen[:, None]).squeeze(-1)
+    return SampledTokens(chosen, logprobs)

@@ -90,9 +90,20 @@ class Scheduler:
                 break
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted for an earlier sequence of this step
-            n = fit_image_runs(seq, seq.num_computed_tokens, min(seq.num_tokens - seq.num_computed_tokens, budget))
-            if n == 0:
-                continue  # an image run that does not fit the budget left: next step
+            if seq.num_pending and (seq.num_output_tokens >= seq.params.max_tokens
+                                    or seq.num_tokens >= self.max_model_len):
+                continue  # its last token is still on the GPU: nothing left to compute
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if seq.image_spans:
+                n = fit_image_runs(seq, seq.num_computed_tokens, n)
+                if n == 0:
+                    continue  # an image run that does not fit the budget left: next step
+            if self.blocks.blocks_needed(seq.num_computed_tokens + n) <= len(seq.block_table):
+                # The common decode step: the token fits the sequence's last block.
+                chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
+                scheduled.add(id(seq))
+                budget -= n
+                continue
             while not self.blocks.can_grow(seq, seq.num_computed_tokens + n):
                 # Only sequences not yet scheduled in this step may give their blocks back, the
                 # latest admitted first; that can be `seq` itself, which then waits at the head of

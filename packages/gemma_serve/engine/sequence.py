@@ -10,6 +10,11 @@ from gemma_serve.engine.multimodal import ImageSpan
 from gemma_serve.engine.sampling_params import SamplingParams
 
 
+# Stands in `token_ids` for a token sampled on the GPU whose value the host has not read yet (an
+# overlapped step, see `LLMEngine.step`); never fed to the model (the graph takes it on the device).
+PENDING_TOKEN = -1
+
+
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()
     RUNNING = enum.auto()
@@ -26,6 +31,9 @@ class Sequence:
         self.arrival = arrival  # admission order; preemption evicts the latest arrival first
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
+        # Bumped whenever block_table is replaced rather than appended to (blocks freed), so a cached
+        # copy of the table (the graph runner's host rows) knows when its prefix is stale.
+        self.block_table_epoch = 0
         # Tokens whose K/V are in the cache (computed, or found in the prefix cache).
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hits at the last admission
@@ -34,6 +42,8 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         self.output_logprobs: list[float] = []
         self.num_emitted = 0  # output tokens already delivered as deltas
+        # Trailing PENDING_TOKEN entries of token_ids: sampled on the GPU, not read yet (0 or 1).
+        self.num_pending = 0
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None  # per-request randomness when seeded
         # The prompt's images, in position order (output tokens are always text, whatever their id).
@@ -45,11 +55,19 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens sampled so far, pending ones included (what max_tokens and min_tokens count)."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """The output tokens whose values are known (pending ones excluded)."""
+        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.num_pending]
+
+    def drop_pending(self) -> None:
+        """Forget tokens sampled past the end (the sequence finished before they were read)."""
+        if self.num_pending:
+            del self.token_ids[-self.num_pending:]
+            self.num_pending = 0
 
     @property
     def is_finished(self) -> bool:

@@ -6,97 +6,20 @@ RoPE base (2, 3), linear RoPE scaling of global layers (3). Plain `nn.Linear` la
 quantization module can swap them without the model knowing.
 
 The forward takes a flattened batch: all sequences' new tokens concatenated, with their positions
-and the paged-attention metadata, and returns logits only for the rows that will be sampled.
+and the paged-attention metadata, and returns logits only for the rows that will be sampled. The
+small operations between the matmuls are the fused ones of `fused_kernels` (one kernel each on CUDA).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from gemma_serve.engine.attention import AttentionMetadata, paged_attention, write_kv
+from gemma_serve.engine.attention import AttentionMetadata, paged_attention
+from gemma_serve.engine.fused_kernels import add_rms_norm, apply_rotary, gelu_mul, qkv_to_cache, rms_norm
 from gemma_serve.engine.model_config import ModelConfig
 from torch import nn
 
-try:  # CUDA builds of PyTorch ship Triton; CPU-only installs use the PyTorch path alone.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-
-
-if triton is not None:
-
-    @triton.jit
-    def _rms_norm_kernel(X, W, Y, rows_per_t, stride_t, stride_r, eps, DIM: tl.constexpr, BLOCK: tl.constexpr):
-        """One row of x ([T, R, DIM] with strided T and R) per program; float32 inside."""
-        row = tl.program_id(0)
-        t = row // rows_per_t
-        r = row % rows_per_t
-        cols = tl.arange(0, BLOCK)
-        mask = cols < DIM
-        x = tl.load(X + t.to(tl.int64) * stride_t + r * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-        y = (x * inv) * (1.0 + w)
-        tl.store(Y + row.to(tl.int64) * DIM + cols, y.to(Y.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _norm_rope_kernel(X, W, COS, SIN, Y, rows_per_t, stride_t, stride_r, stride_cos, eps,
-                          DIM: tl.constexpr, HALF: tl.constexpr):
-        """QK-norm then rotary embedding (rotate-half) of one head row: norm output rounded to the
-        activations' dtype as the unfused path does, the rotation in float32, rounded once."""
-        row = tl.program_id(0)
-        t = row // rows_per_t
-        r = row % rows_per_t
-        cols = tl.arange(0, DIM)
-        partner = (cols + HALF) % DIM
-        base = X + t.to(tl.int64) * stride_t + r * stride_r
-        x = tl.load(base + cols).to(tl.float32)
-        xp = tl.load(base + partner).to(tl.float32)
-        inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
-        y = ((x * inv) * (1.0 + tl.load(W + cols).to(tl.float32))).to(Y.dtype.element_ty).to(tl.float32)
-        yp = ((xp * inv) * (1.0 + tl.load(W + partner).to(tl.float32))).to(Y.dtype.element_ty).to(tl.float32)
-        rotated = tl.where(cols < HALF, -yp, yp)
-        c = tl.load(COS + t.to(tl.int64) * stride_cos + cols).to(tl.float32)
-        s = tl.load(SIN + t.to(tl.int64) * stride_cos + cols).to(tl.float32)
-        out = y * c + rotated * s
-        tl.store(Y + row.to(tl.int64) * DIM + cols, out.to(Y.dtype.element_ty))
-
-
-def _norm_rope_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor,
-                      sin: torch.Tensor) -> torch.Tensor | None:
-    """RMSNorm(x) then rotary, fused, for x [T, heads, D] (D a power of two, last dim contiguous) and
-    cos/sin [T, 1, D]; None when the layout does not fit."""
-    t, r, dim = x.shape
-    if x.stride(-1) != 1 or dim & (dim - 1) or cos.stride(-1) != 1 or sin.stride() != cos.stride():
-        return None
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if y.numel():
-        _norm_rope_kernel[(t * r,)](x, weight, cos, sin, y, r, x.stride(0), x.stride(1), cos.stride(0), float(eps),
-                                    DIM=dim, HALF=dim // 2, num_warps=max(1, min(4, dim // 128)))
-    return y
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    return triton is not None and x.is_cuda
-
-
-def _rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """The fused norm (one kernel instead of ten) for [T, dim] or [T, R, dim] inputs whose last dim is
-    contiguous; None when the layout does not fit."""
-    dim = x.shape[-1]
-    if x.stride(-1) != 1 or x.dim() not in (2, 3):
-        return None
-    if x.dim() == 2:
-        t, r, stride_t, stride_r = x.shape[0], 1, x.stride(0), 0
-    else:
-        t, r, stride_t, stride_r = x.shape[0], x.shape[1], x.stride(0), x.stride(1)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if y.numel():
-        block = triton.next_power_of_2(dim)
-        _rms_norm_kernel[(t * r,)](x, weight, y, r, stride_t, stride_r, float(eps), DIM=dim, BLOCK=block,
-                                   num_warps=max(1, min(8, block // 256)))
-    return y
+__all__ = ["GemmaLayer", "GemmaModel", "RMSNorm", "RotaryTable", "apply_rotary"]
 
 
 class RMSNorm(nn.Module):
@@ -108,13 +31,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _use_triton(x):
-            y = _rms_norm_triton(x, self.weight, self.eps)
-            if y is not None:
-                return y
-        x32 = x.float()
-        out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * (1.0 + self.weight.float())).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryTable(nn.Module):
@@ -143,13 +60,6 @@ class RotaryTable(nn.Module):
         return self.cos[positions], self.sin[positions]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, 1, D], already in x's dtype (rounded as Hugging Face does)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
 class GemmaLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
@@ -174,40 +84,28 @@ class GemmaLayer(nn.Module):
         self.scale = cfg.query_pre_attn_scalar ** -0.5
         self.window = cfg.sliding_window if self.sliding else None
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                next_norm: RMSNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden: the residual stream [T, hidden]; normed: input_layernorm(hidden), computed by the
+        previous layer's fused tail. Returns the new residual stream and `next_norm` of it."""
         cfg = self.cfg
         tokens = hidden.shape[0]
-        residual = hidden
-        qkv = self.qkv_proj(self.input_layernorm(hidden))
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(tokens, cfg.num_heads, cfg.head_dim)
-        k = k.view(tokens, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(tokens, cfg.num_kv_heads, cfg.head_dim)
-        fused = None
-        if cfg.qk_norm and _use_triton(hidden):
-            fused = (_norm_rope_triton(q, self.q_norm.weight, self.q_norm.eps, cos, sin),
-                     _norm_rope_triton(k, self.k_norm.weight, self.k_norm.eps, cos, sin))
-        if fused is not None and fused[0] is not None and fused[1] is not None:
-            q, k = fused
-        else:
-            if cfg.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        qkv = self.qkv_proj(normed)
+        q = qkv_to_cache(qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                         self.q_norm.weight if cfg.qk_norm else None, self.k_norm.weight if cfg.qk_norm else None,
+                         cfg.rms_norm_eps, cos, sin, k_cache, v_cache, meta.slot_mapping)
         attn = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window, cfg.attn_logit_softcapping)
         attn = self.o_proj(attn.reshape(tokens, self.q_size))
+        eps = cfg.rms_norm_eps
         if cfg.sandwich_norms:
-            attn = self.post_attention_layernorm(attn)
-            pre_mlp = self.pre_feedforward_layernorm
-        else:
-            pre_mlp = self.post_attention_layernorm
-        hidden = residual + attn
-        gate, up = self.gate_up_proj(pre_mlp(hidden)).chunk(2, dim=-1)
-        mlp = self.down_proj(F.gelu(gate, approximate="tanh") * up)
-        if cfg.sandwich_norms:
-            mlp = self.post_feedforward_layernorm(mlp)
-        return hidden + mlp
+            hidden, x = add_rms_norm(hidden, attn, self.post_attention_layernorm.weight,
+                                     self.pre_feedforward_layernorm.weight, eps)
+        else:  # Gemma 1: post_attention_layernorm is the pre-MLP norm
+            hidden, x = add_rms_norm(hidden, attn, None, self.post_attention_layernorm.weight, eps)
+        mlp = self.down_proj(gelu_mul(self.gate_up_proj(x)))
+        post = self.post_feedforward_layernorm.weight if cfg.sandwich_norms else None
+        return add_rms_norm(hidden, mlp, post, next_norm.weight if next_norm is not None else None, eps)
 
 
 class GemmaModel(nn.Module):
@@ -244,9 +142,14 @@ class GemmaModel(nn.Module):
         # Once per step rather than per layer: [T, 1, D] in the activations' dtype.
         cos_g, sin_g = (t[:, None, :].to(hidden.dtype) for t in self.rope_global(positions))
         cos_l, sin_l = (t[:, None, :].to(hidden.dtype) for t in self.rope_local(positions))
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+        # Each layer ends with the next layer's input norm (fused with its residual add); the last
+        # one's output is normed below for the sampled rows only.
+        normed = self.layers[0].input_layernorm(hidden)
+        last = len(self.layers) - 1
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             cos, sin = (cos_l, sin_l) if layer.sliding else (cos_g, sin_g)
-            hidden = layer(hidden, cos, sin, k_cache, v_cache, meta)
+            next_norm = self.layers[i + 1].input_layernorm if i < last else None
+            hidden, normed = layer(hidden, normed, cos, sin, k_cache, v_cache, meta, next_norm)
         hidden = self.norm(hidden[logits_indices])
         logits = F.linear(hidden, weight).float()  # tied output embedding
         if self.cfg.final_logit_softcapping is not None:

@@ -1,0 +1,309 @@
+"""Where one engine step's time goes, on a GPU: the numbers behind `docs/benchmarks.md`'s "where the
+time goes" notes, measured rather than guessed.
+
+    python -m gemma_serve.bench.step_profile --model bench/configs/gemma-3-4b-it --out DIR
+
+On the engine_bench configuration (random bf16 weights, max_model_len 1024, 256 sequences, 8192
+tokens a step) it measures:
+  - a prefill step of 16 x 512 fresh prompts, with the Triton prefill kernel and with the PyTorch path;
+  - decode steps at batch 1 and 256: the step's wall time (schedule, prepare, replay, sample,
+    post-process) against the graph replay alone, i.e. what the host adds;
+  - the prefill kernel's tile sizes on one layer's shapes, against torch SDPA (flash) on dense tensors;
+  - the top CUDA kernels of each step kind (torch.profiler), written to DIR/kernels-*.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gemma_serve.engine import attention
+from gemma_serve.engine.config import EngineConfig
+from gemma_serve.engine.llm_engine import LLMEngine
+from gemma_serve.engine.sampling_params import SamplingParams
+
+GREEDY = dict(temperature=0.0, stop_token_ids=())
+
+
+def _ms(fn, repeats: int = 5) -> float:
+    """Median wall milliseconds of fn() (synchronised before and after)."""
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _gpu_ms(fn, repeats: int = 20) -> float:
+    """Median GPU milliseconds of fn(), from CUDA events (host time between launches not counted
+    when the GPU is kept busy)."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+class StepProbe:
+    def __init__(self, engine: LLMEngine, vocab_limit: int) -> None:
+        self.engine = engine
+        self.gen = torch.Generator().manual_seed(0)
+        self.vocab_limit = vocab_limit
+        self.count = 0
+
+    def add(self, n: int, length: int, max_tokens: int) -> list[str]:
+        ids = []
+        for prompt in torch.randint(10, self.vocab_limit, (n, length), generator=self.gen).tolist():
+            rid = f"p{self.count}"
+            self.count += 1
+            self.engine.add_request(rid, prompt, SamplingParams(max_tokens=max_tokens, **GREEDY))
+            ids.append(rid)
+        return ids
+
+    def clear(self) -> None:
+        """Abort everything, and read the step still in flight (an overlapped decode step)."""
+        for rid in list(self.engine.sequences):
+            self.engine.abort(rid)
+        while self.engine.has_unfinished():
+            self.engine.step()
+
+
+def prefill_step_ms(probe: StepProbe, kernel: bool, repeats: int = 3) -> float:
+    """One step holding 16 fresh 512-token prompts (8192 tokens), prefill kernel on or off."""
+    previous = attention.PREFILL_KERNEL
+    attention.PREFILL_KERNEL = kernel
+    times = []
+    try:
+        for _ in range(repeats + 1):
+            probe.add(16, 512, 4)
+            times.append(_ms(probe.engine.step, 1))
+            probe.clear()
+    finally:
+        attention.PREFILL_KERNEL = previous
+    return statistics.median(times[1:])
+
+
+def decode_steps(probe: StepProbe, batch: int, prompt_len: int, steps: int) -> dict:
+    """`batch` sequences prefilled, then `steps` decode steps back to back (as a serving loop runs
+    them: overlapped when the engine overlaps) against the replay of the same graph alone; the
+    difference is what the host adds to each step."""
+    engine = probe.engine
+    probe.add(batch, prompt_len, steps + 8)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.sequences.values()):
+        engine.step()
+    for _ in range(2):
+        engine.step()
+    wall = _ms(lambda: [engine.step() for _ in range(steps)], 1) / steps
+    graphs = engine.runner.graphs
+    size = min(s for s in graphs.sizes if s >= batch)
+    replay = _gpu_ms(graphs.graphs[size].replay)
+    probe.clear()
+    return {"batch": batch, "context": prompt_len + steps // 2, "step_wall_ms": wall, "graph_replay_ms": replay,
+            "host_ms": wall - replay, "overlap_steps": engine.config.overlap_steps}
+
+
+def kernel_table(probe: StepProbe, kind: str, out_dir: Path) -> list[dict]:
+    """torch.profiler over one step of `kind` (prefill, decode1, decode256): the CUDA kernels by total time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = probe.engine
+    if kind == "prefill":
+        probe.add(16, 512, 4)
+    else:
+        batch = 1 if kind == "decode1" else 256
+        probe.add(batch, 512, 16)
+        while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.sequences.values()):
+            engine.step()
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    probe.clear()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    (out_dir / f"kernels-{kind}.txt").write_text(table)
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            rows.append({"name": e.key[:90], "count": e.count, "total_ms": t / 1e3})
+    rows.sort(key=lambda r: -r["total_ms"])
+    return rows[:15]
+
+
+def prefill_tile_sweep(engine: LLMEngine) -> list[dict]:
+    """paged_prefill on one layer's shapes (16 x 512 fresh prompts) for several tile sizes, against
+    torch SDPA (flash, causal, GQA) on the same rows laid out densely."""
+    cfg = engine.runner.model_config
+    dev = engine.runner.device
+    dtype = engine.runner.dtype
+    page, n, length = engine.runner.block_size, 16, 512
+    blocks = length // page
+    k_cache, v_cache = (torch.randn(n * blocks + 1, page, cfg.num_kv_heads, cfg.head_dim, device=dev, dtype=dtype)
+                        for _ in range(2))
+    starts = [i * length for i in range(n + 1)]
+    tables = torch.arange(n * blocks, device=dev).view(n, blocks)
+    meta = attention.AttentionMetadata(
+        slot_mapping=torch.arange(n * length, device=dev), block_tables=tables,
+        context_lens=torch.full((n,), length, device=dev), query_start=torch.tensor(starts, device=dev),
+        num_decodes=0, max_decode_context_len=0, query_start_host=starts, context_lens_host=[length] * n)
+    q = torch.randn(n * length, cfg.num_heads, cfg.head_dim, device=dev, dtype=dtype)
+    out = torch.empty_like(q)
+    scale = cfg.query_pre_attn_scalar ** -0.5
+    rows = []
+    ref = attention.paged_prefill(q, k_cache, v_cache, meta, scale, None, None, torch.empty_like(q)).float()
+    for bm, bn, warps, stages in [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2),
+                                  (64, 32, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2)]:
+        tiles = attention.KernelTiles(bm, bn, warps, stages)
+        try:
+            ms = _gpu_ms(lambda: attention.paged_prefill(q, k_cache, v_cache, meta, scale, None, None, out, tiles))
+            err = float((out.float() - ref).abs().max())
+            rows.append({"tiles": f"{bm}x{bn} w{warps} s{stages}", "ms": ms, "max_abs_diff": err})
+        except Exception as exc:  # a tile that does not fit shared memory: report it, go on
+            rows.append({"tiles": f"{bm}x{bn} w{warps} s{stages}", "error": f"{type(exc).__name__}: {exc}"[:200]})
+    values = v_cache[:n * blocks].view(n, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+    keys = k_cache[:n * blocks].view(n, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+    dense_q = q.view(n, length, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    ms = _gpu_ms(lambda: sdpa(dense_q, keys, values, is_causal=True, scale=scale, enable_gqa=True))
+    dense = sdpa(dense_q, keys, values, is_causal=True, scale=scale, enable_gqa=True).transpose(1, 2).reshape_as(q)
+    rows.append({"tiles": "torch SDPA dense (reference)", "ms": ms,
+                 "max_abs_diff": float((dense.float() - ref).abs().max())})
+    flops = 4 * n * cfg.num_heads * cfg.head_dim * length * length / 2
+    for r in rows:
+        if "ms" in r:
+            r["tflops"] = flops / (r["ms"] / 1e3) / 1e12
+    return rows
+
+
+def _graph_us(fn, launches: int) -> float:
+    """Microseconds per call of fn(), from a CUDA graph of `launches` calls (as a decode step replays
+    them: no launch overhead, one layer after another)."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    return _gpu_ms(graph.replay, 10) * 1e3 / launches
+
+
+def decode_tile_sweep(engine: LLMEngine, copy_gbps: float) -> list[dict]:
+    """paged_decode on one layer's shapes (batch 256 at 512 keys, batch 1 at 384 and 160) for several
+    split lengths and tiles, timed in CUDA graphs of 34 launches: GB/s of K/V against the copy rate."""
+    cfg = engine.runner.model_config
+    dev, dtype, page = engine.runner.device, engine.runner.dtype, engine.runner.block_size
+    layers = cfg.num_layers
+    rows = []
+    for batch, ctx in ((256, 512), (1, 384), (1, 160)):
+        blocks = -(-ctx // page)
+        k_cache, v_cache = (torch.randn(batch * blocks + 1, page, cfg.num_kv_heads, cfg.head_dim, device=dev,
+                                        dtype=dtype) for _ in range(2))
+        tables = torch.randperm(batch * blocks, device=dev).view(batch, blocks)
+        lens = torch.full((batch,), ctx, device=dev)
+        q = torch.randn(batch, cfg.num_heads, cfg.head_dim, device=dev, dtype=dtype)
+        out = torch.empty_like(q)
+        kv_bytes = 2 * batch * ctx * cfg.num_kv_heads * cfg.head_dim * k_cache.element_size()
+        for split, bn, warps, stages in [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 4, 2), (128, 32, 4, 3),
+                                         (256, 64, 4, 2), (256, 32, 4, 3), (256, 64, 8, 2), (512, 64, 4, 2)]:
+            tiles = attention.KernelTiles(0, bn, warps, stages)
+            name = f"split {split} n{bn} w{warps} s{stages}"
+            try:
+                us = _graph_us(lambda: attention.paged_decode(q, k_cache, v_cache, tables, lens, 1024, 0.0625, None,
+                                                              None, split, out, tiles=tiles), layers)
+                gbps = kv_bytes / (us / 1e6) / 1e9
+                rows.append({"batch": batch, "context": ctx, "config": name, "us": us, "gbps": gbps,
+                             "pct_copy": 100 * gbps / copy_gbps})
+            except Exception as exc:
+                rows.append({"batch": batch, "context": ctx, "config": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
+    return rows
+
+
+def host_profile(probe: StepProbe, out_dir: Path, batch: int = 256, steps: int = 24) -> None:
+    """cProfile of back-to-back decode steps at `batch`: where the host's time per step goes."""
+    import cProfile
+    import io
+    import pstats
+
+    engine = probe.engine
+    probe.add(batch, 512, steps + 8)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.sequences.values()):
+        engine.step()
+    engine.step()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    probe.clear()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    (out_dir / f"host-decode{batch}.txt").write_text(text.getvalue())
+
+
+def copy_rate_gbps() -> float:
+    a = torch.empty(1 << 30, device="cuda", dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    ms = _gpu_ms(lambda: b.copy_(a), 10)
+    return 2 * a.numel() * 2 / (ms / 1e3) / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bench/configs/gemma-3-4b-it")
+    parser.add_argument("--quantization", default="none")
+    parser.add_argument("--out", type=Path, required=True, help="folder for profile.json and kernels-*.txt")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("step_profile needs a CUDA GPU", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    engine = LLMEngine(EngineConfig(model=args.model, load_format="random", device="cuda", dtype="bfloat16",
+                                    max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=1024,
+                                    max_queue_len=1 << 20, quantization=args.quantization))
+    probe = StepProbe(engine, 255_000)
+    report: dict = {"device": torch.cuda.get_device_name(), "quantization": args.quantization}
+    report["prefill_step_ms"] = {"kernel": prefill_step_ms(probe, True), "pytorch": prefill_step_ms(probe, False)}
+    print(f"prefill step 16 x 512: kernel {report['prefill_step_ms']['kernel']:.1f} ms, "
+          f"PyTorch path {report['prefill_step_ms']['pytorch']:.1f} ms", flush=True)
+    report["decode"] = [decode_steps(probe, 1, 128, 64), decode_steps(probe, 256, 512, 24)]
+    for d in report["decode"]:
+        print(f"decode batch {d['batch']:3d} ctx ~{d['context']}: step {d['step_wall_ms']:.2f} ms, graph replay "
+              f"{d['graph_replay_ms']:.2f} ms, host {d['host_ms']:.2f} ms", flush=True)
+    report["prefill_tiles"] = prefill_tile_sweep(engine)
+    for r in report["prefill_tiles"]:
+        print(f"prefill attention {r['tiles']:30s} " + (f"{r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s "
+              f"diff {r['max_abs_diff']:.2e}" if "ms" in r else r["error"]), flush=True)
+    report["copy_gbps"] = copy_rate_gbps()
+    report["decode_tiles"] = decode_tile_sweep(engine, report["copy_gbps"])
+    for r in report["decode_tiles"]:
+        print(f"decode attention batch {r['batch']:3d} ctx {r['context']} {r['config']:28s} " +
+              (f"{r['us']:8.1f} us {r['gbps']:6.0f} GB/s {r['pct_copy']:5.1f}% of copy" if "us" in r else r["error"]),
+              flush=True)
+    host_profile(probe, args.out)
+    report["kernels"] = {}
+    for kind in ("prefill", "decode1", "decode256"):
+        report["kernels"][kind] = kernel_table(probe, kind, args.out)
+        print(f"\ntop kernels, {kind} step:")
+        for r in report["kernels"][kind][:10]:
+            print(f"  {r['total_ms']:8.3f} ms  x{r['count']:<5d} {r['name']}")
+    (args.out / "profile.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

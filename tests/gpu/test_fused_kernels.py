@@ -1,0 +1,92 @@
+"""The fused per-layer kernels of `engine/fused_kernels.py` against the PyTorch computations they
+replace, in float32 and bf16, on the layouts the model passes (strided views of one projection)."""
+
+import pytest
+import torch
+from gemma_serve.engine import fused_kernels as fk
+
+pytestmark = pytest.mark.gpu
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def reference(monkeypatch, fn):
+    """fn() with the kernels switched off: the PyTorch path on the same device."""
+    with monkeypatch.context() as m:
+        m.setattr(fk, "use_triton", lambda t: False)
+        return fn()
+
+
+# float32: reductions in another order; bf16: at most one rounding step apart.
+TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def dtype(request):
+    return request.param
+
+
+def randn(*shape, dtype, scale=1.0, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed + sum(shape))
+    return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(dtype)
+
+
+def test_rms_norm(dtype, monkeypatch):
+    w = randn(2560, dtype=torch.float32, scale=0.3)
+    x = randn(7, 2560, dtype=dtype)
+    q = randn(5, 16 * 256, dtype=dtype)[:, :8 * 256].view(5, 8, 256)  # a strided view
+    for inp, weight in ((x, w), (q, w[:256])):
+        got = fk.rms_norm(inp, weight, 1e-6)
+        assert rel_err(got, reference(monkeypatch, lambda: fk.rms_norm(inp, weight, 1e-6))) < TOL[dtype]
+
+
+@pytest.mark.parametrize("norm_x,norm_out", [(True, True), (False, True), (True, False), (False, False)])
+def test_add_rms_norm(dtype, norm_x, norm_out, monkeypatch):
+    r, x = randn(9, 2560, dtype=dtype, seed=1), randn(9, 2560, dtype=dtype, seed=2)
+    wx = randn(2560, dtype=torch.float32, scale=0.3, seed=3) if norm_x else None
+    wo = randn(2560, dtype=torch.float32, scale=0.3, seed=4) if norm_out else None
+    h, y = fk.add_rms_norm(r, x, wx, wo, 1e-6)
+    h_ref, y_ref = reference(monkeypatch, lambda: fk.add_rms_norm(r, x, wx, wo, 1e-6))
+    assert rel_err(h, h_ref) < TOL[dtype]
+    assert (y is None) == (not norm_out)
+    if norm_out:
+        assert rel_err(y, y_ref) < TOL[dtype]
+
+
+def test_gelu_mul(dtype, monkeypatch):
+    gate_up = randn(11, 2 * 10240, dtype=dtype, scale=2.0)
+    got = fk.gelu_mul(gate_up)
+    ref = reference(monkeypatch, lambda: fk.gelu_mul(gate_up))
+    assert got.shape == (11, 10240)
+    assert rel_err(got, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qkv_to_cache(dtype, qk_norm, monkeypatch):
+    heads, kv_heads, dim, page = 8, 4, 256, 16
+    tokens = 6
+    qkv = randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype)
+    qw = randn(dim, dtype=torch.float32, scale=0.3, seed=5) if qk_norm else None
+    kw = randn(dim, dtype=torch.float32, scale=0.3, seed=6) if qk_norm else None
+    positions = torch.tensor([0, 3, 17, 40, 63, 5], device="cuda")
+    angles = positions[:, None].float() * torch.linspace(0.01, 1.0, dim // 2, device="cuda")[None, :]
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos()[:, None, :].to(dtype), emb.sin()[:, None, :].to(dtype)
+    slots = torch.tensor([5, 17, 18, 100, 3, 64], device="cuda")
+
+    def run():
+        k_cache = torch.zeros(8, page, kv_heads, dim, device="cuda", dtype=dtype)
+        v_cache = torch.zeros_like(k_cache)
+        q = fk.qkv_to_cache(qkv, heads, kv_heads, dim, qw, kw, 1e-6, cos, sin, k_cache, v_cache, slots)
+        return q, k_cache, v_cache
+
+    q, k_cache, v_cache = run()
+    q_ref, k_ref, v_ref = reference(monkeypatch, run)
+    assert rel_err(q, q_ref) < TOL[dtype]
+    assert rel_err(k_cache, k_ref) < TOL[dtype]
+    assert torch.equal(v_cache, v_ref)  # a copy
+    untouched = torch.ones(8 * page, dtype=torch.bool, device="cuda")
+    untouched[slots] = False
+    assert k_cache.view(-1, kv_heads, dim)[untouched].abs().max() == 0
