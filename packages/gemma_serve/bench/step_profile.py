@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="bench/configs/gemma-3-4b-it")
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--out", type=Path, required=True, help="folder for profile.json and kernels-*.txt")
+    parser.add_argument("--skip-sweeps", action="store_true", help="leave out the attention tile sweeps")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("step_profile needs a CUDA GPU", file=sys.stderr)
@@ -284,12 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     for d in report["decode"]:
         print(f"decode batch {d['batch']:3d} ctx ~{d['context']}: step {d['step_wall_ms']:.2f} ms, graph replay "
               f"{d['graph_replay_ms']:.2f} ms, host {d['host_ms']:.2f} ms", flush=True)
-    report["prefill_tiles"] = prefill_tile_sweep(engine)
+    report["prefill_tiles"] = [] if args.skip_sweeps else prefill_tile_sweep(engine)
     for r in report["prefill_tiles"]:
         print(f"prefill attention {r['tiles']:30s} " + (f"{r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s "
               f"diff {r['max_abs_diff']:.2e}" if "ms" in r else r["error"]), flush=True)
     report["copy_gbps"] = copy_rate_gbps()
-    report["decode_tiles"] = decode_tile_sweep(engine, report["copy_gbps"])
+    report["decode_tiles"] = [] if args.skip_sweeps else decode_tile_sweep(engine, report["copy_gbps"])
     for r in report["decode_tiles"]:
         print(f"decode attention batch {r['batch']:3d} ctx {r['context']} {r['config']:28s} " +
               (f"{r['us']:8.1f} us {r['gbps']:6.0f} GB/s {r['pct_copy']:5.1f}% of copy" if "us" in r else r["error"]),
