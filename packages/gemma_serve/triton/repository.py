@@ -45,6 +45,7 @@ def engine_config(settings: ServingSettings) -> EngineConfig:
         quantization=settings.quantization,
         load_format=settings.load_format,
         cuda_graphs=settings.cuda_graphs,
+        overlap_steps=settings.overlap_steps,
     )
 
 
