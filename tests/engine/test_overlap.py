@@ -137,3 +137,75 @@ def test_preemption_with_overlapped_steps(checkpoints, prefix_caching):
     assert tight.generate(prompts, params) == roomy
     assert tight.scheduler.num_preemptions > 0 and launches[0] > 0
     assert tight.block_manager.num_free_blocks == 30
+
+
+# -- through AsyncEngine (the serving loop) ----------------------------------------------------------
+
+
+async def _collect(engine, rid, p, params):
+    tokens, last = [], None
+    async for out in engine.add_request(rid, p, params):
+        assert PENDING_TOKEN not in out.new_token_ids
+        tokens.extend(out.new_token_ids)
+        last = out
+    return tokens, last
+
+
+async def test_async_engine_with_overlapped_steps(checkpoints):
+    """Concurrent streams, one of them dropped mid-way, through the engine thread: the others get the
+    synchronous engine's tokens, and every block comes back."""
+    import asyncio
+
+    from gemma_serve.engine.async_engine import AsyncEngine
+
+    folder, _ = checkpoints["gemma3"]
+    prompts = [prompt(60 + i, 4 + 3 * i) for i in range(6)]
+    params = SamplingParams(max_tokens=24, temperature=0.0)
+    expected = graphed_engine(folder, False).generate(prompts, params)
+    engine = graphed_engine(folder, True)
+    launches = count_launches(engine)
+    front = AsyncEngine(engine)
+    front.start()
+    try:
+        async def leaver():
+            async for _ in front.add_request("leaver", prompt(5, 8), SamplingParams(max_tokens=200)):
+                await asyncio.sleep(0.005)
+                if engine.runner._launches > 4:
+                    break
+
+        results = await asyncio.gather(leaver(), *(_collect(front, f"r{i}", p, params) for i, p in enumerate(prompts)))
+        assert [r[0] for r in results[1:]] == expected
+        assert all(r[1].finish_reason == "length" for r in results[1:])
+        for _ in range(100):
+            stats = front.stats()
+            if stats.num_running == 0 and stats.num_free_blocks == stats.num_total_blocks:
+                break
+            await asyncio.sleep(0.02)
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        assert launches[0] > 10
+    finally:
+        front.shutdown()
+
+
+async def test_a_failing_overlapped_launch_fails_the_streams_and_the_engine_goes_on(checkpoints, monkeypatch):
+    from gemma_serve.engine.async_engine import AsyncEngine
+
+    folder, _ = checkpoints["gemma3"]
+    engine = graphed_engine(folder, True)
+    front = AsyncEngine(engine)
+    front.start()
+    try:
+        real = engine.runner.launch
+
+        def broken(chunks, previous):
+            raise RuntimeError("device on fire")
+
+        monkeypatch.setattr(engine.runner, "launch", broken)
+        with pytest.raises(RuntimeError, match="device on fire"):
+            await _collect(front, "doomed", prompt(8, 6), SamplingParams(max_tokens=6))
+        monkeypatch.setattr(engine.runner, "launch", real)
+        tokens, last = await _collect(front, "fine", prompt(8, 6), SamplingParams(max_tokens=6, temperature=0.0))
+        assert len(tokens) == 6 and last.finish_reason == "length"
+        assert engine._in_flight is None and engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    finally:
+        front.shutdown()
