@@ -66,3 +66,31 @@ def test_mixed_step_matches_dense_reference(window, softcap, monkeypatch):
     for i, (q, (keys, values, first)) in enumerate(zip(new_q, refs)):
         ref = reference(q, keys, values, first, scale, window, softcap)
         torch.testing.assert_close(out[starts[i]:starts[i + 1]], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_key_limits_extend_image_rows_to_the_end_of_their_run():
+    # Sequence 0: a decode at position 9; 1: a whole prompt of 12 with an image at 3..7; 2: a chunk
+    # at positions 20..24 holding the end of a run 18..22 (its start came in an earlier step).
+    starts = [0, 1, 13, 18]
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(18, dtype=torch.long), block_tables=torch.zeros(3, 8, dtype=torch.long),
+        context_lens=torch.tensor([10, 12, 25]), query_start=torch.tensor(starts), num_decodes=1,
+        max_decode_context_len=10, query_start_host=starts, context_lens_host=[10, 12, 25],
+        image_spans_host=[[], [(3, 8)], [(18, 23)]])
+    limits = meta.key_limits_host()
+    assert limits[0] == 9
+    assert limits[1:13] == [0, 1, 2, 7, 7, 7, 7, 7, 8, 9, 10, 11]
+    assert limits[13:] == [22, 22, 22, 23, 24]
+
+
+def test_prefill_work_tiles_each_sequence_and_keeps_rows_aligned():
+    starts = [0, 1, 2, 102, 105]  # two decodes, then prefills of 100 and 3 tokens
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(105, dtype=torch.long), block_tables=torch.zeros(4, 8, dtype=torch.long),
+        context_lens=torch.tensor([5, 7, 100, 40]), query_start=torch.tensor(starts), num_decodes=2,
+        max_decode_context_len=7, query_start_host=starts, context_lens_host=[5, 7, 100, 40])
+    seqs, rows, limits = attention._prefill_work(meta, 32, torch.device("cpu"))
+    assert seqs.tolist() == [2, 2, 2, 2, 3] and rows.tolist() == [2, 34, 66, 98, 102]
+    assert limits is None  # no image runs: the kernel uses each row's own position
+    assert rows.data_ptr() % 16 == 0  # both rows of one copy; the second 16-byte aligned
+    assert attention._prefill_work(meta, 32, torch.device("cpu"))[1] is rows  # built once per step
