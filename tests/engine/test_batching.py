@@ -4,6 +4,7 @@ import random
 
 import pytest
 from gemma_serve.engine.outputs import EngineOverloadedError, RequestRejectedError
+from gemma_serve.engine.block_manager import FREED
 from gemma_serve.engine.sampling_params import SamplingParams
 
 from .conftest import engine_for, prompt
@@ -173,10 +174,12 @@ def test_two_running_requests_share_a_cached_prefix(checkpoints):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-def test_random_workload_with_shared_prefixes_tiny_pool_and_aborts(checkpoints):
-    """Prefix hits, preemption and aborts together: ref counts always match the block tables, the
-    survivors' outputs equal a roomy run's, and every block comes back."""
-    folder, _ = checkpoints["gemma1"]
+@pytest.mark.parametrize("generation", ["gemma1", "gemma3"])
+def test_random_workload_with_shared_prefixes_tiny_pool_and_aborts(checkpoints, generation):
+    """Prefix hits, preemption and aborts together: ref counts always match the block tables (both
+    pools for Gemma 3's sliding-window layers, window 8), the survivors' outputs equal a roomy run's,
+    and every block comes back."""
+    folder, _ = checkpoints[generation]
     rng = random.Random(3)
     prefixes = [prompt(50, 9), prompt(51, 14)]
     requests = {}
@@ -206,10 +209,20 @@ def test_random_workload_with_shared_prefixes_tiny_pool_and_aborts(checkpoints):
         cache_hits += sum(s.num_cached_tokens for s in engine.scheduler.running)
         held = [b for s in engine.scheduler.running for b in s.block_table]
         assert sum(bm.ref_counts) == len(held)
-        assert all(bm.ref_counts[b] == 0 for b in bm.free) and not any(s.block_table for s in engine.scheduler.waiting)
+        assert all(bm.ref_counts[b] == 0 for b in bm.pool.free) and not any(s.block_table for s in engine.scheduler.waiting)
+        if bm.window_pool is not None:
+            window_held = [b for s in engine.scheduler.running for b in s.window_table if b != FREED]
+            assert sum(bm.window_pool.ref_counts) == len(window_held)
+            assert all(bm.window_pool.ref_counts[b] == 0 for b in bm.window_pool.free)
+            # A running sequence holds at most its window plus one step's tokens.
+            for s in engine.scheduler.running:
+                live = sum(1 for b in s.window_table if b != FREED)
+                assert live <= bm.blocks_needed(8 - 1 + 10) + 1, (s, s.window_table)
         step += 1
     assert engine.scheduler.num_preemptions > 0 and cache_hits > 0
     for r in finished:
         assert outputs[r] == roomy[r], r
     assert len(finished) >= 9 - len(abort_at)
     assert bm.num_free_blocks == bm.num_blocks
+    if bm.window_pool is not None:
+        assert bm.num_free_window_blocks == bm.window_pool.num_blocks

@@ -39,7 +39,7 @@ def simulated_graphs(engine) -> DecodeGraphs:
     runner = engine.runner
     runner.kv_caches = [(torch.cat([k, torch.zeros_like(k[:1])]), torch.cat([v, torch.zeros_like(v[:1])]))
                         for k, v in runner.kv_caches]
-    graphs = DecodeGraphs(runner, scratch_block=runner.num_blocks)
+    graphs = DecodeGraphs(runner, scratch_block=runner.num_blocks, window_scratch_block=runner.num_window_blocks)
     graphs._fill_padding()
     vocab = runner.model_config.vocab_size
     for batch in graphs.sizes:
@@ -66,15 +66,17 @@ def test_padded_static_decode_steps_give_the_same_outputs(checkpoints, generatio
     assert outputs == expected
     replays = {b: g.replays for b, g in graphs.graphs.items()}
     assert sum(replays.values()) > 10 and any(replays[b] for b in (4, 8)), replays  # padded batches ran
-    # Padding rows wrote only the scratch block: blocks no sequence ever held are untouched.
-    used = set()
-    scratch = graphs.scratch_block
-    for (k0, _), (k1, _) in zip(sentinel, engine.runner.kv_caches):
-        changed = {int(b) for b in torch.nonzero((k0 != k1).flatten(1).any(1)).flatten()}
-        used |= changed
-    assert scratch in used
-    assert max(used - {scratch}) < engine.block_manager.num_blocks
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    # Padding rows wrote only the scratch block of each pool (the last one): no block past the ones
+    # the block manager hands out was touched. Sliding-window layers have a pool of their own here.
+    bm = engine.block_manager
+    assert bm.window_pool is not None
+    for i, ((k0, _), (k1, _)) in enumerate(zip(sentinel, engine.runner.kv_caches)):
+        in_window = engine.runner.model_config.sliding[i]
+        scratch = graphs.window_scratch_block if in_window else graphs.scratch_block
+        assert k1.shape[0] == scratch + 1
+        used = {int(b) for b in torch.nonzero((k0 != k1).flatten(1).any(1)).flatten()}
+        assert scratch in used and max(used - {scratch}) < (bm.window_pool.num_blocks if in_window else bm.num_blocks)
+    assert bm.num_free_blocks == bm.num_blocks and bm.num_free_window_blocks == bm.window_pool.num_blocks
 
 
 def test_steps_with_prefill_chunks_or_too_many_rows_run_eagerly(checkpoints):

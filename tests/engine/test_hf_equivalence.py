@@ -18,13 +18,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def engine_logits(engine, prompt: list[int], chunk: int) -> torch.Tensor:
     """Logits at every prompt position, computing the prompt in chunks through the paged cache (the
-    runner's own batch preparation; chunk 1 is the decode path)."""
+    runner's own batch preparation; chunk 1 is the decode path). Blocks as the scheduler gives them:
+    the sliding-window layers' pool gives back the blocks older than the window chunk by chunk."""
     runner = engine.runner
     seq = Sequence("probe", prompt, SamplingParams(max_tokens=1), 0)
-    engine.block_manager.allocate(seq)
+    bm = engine.block_manager
+    caching, bm.prefix_caching = bm.prefix_caching, False  # every position computed, none from the cache
+    bm.allocate(seq)
+    bm.prefix_caching = caching
     rows = []
     for start in range(0, len(prompt), chunk):
         n = min(chunk, len(prompt) - start)
+        seq.num_computed_tokens = start
+        engine.block_manager.grow(seq, start + n)
         inputs = runner.prepare([ScheduledChunk(seq, start, n)])
         with torch.inference_mode():
             rows.append(runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta,
@@ -77,11 +83,14 @@ def test_one_step_mixing_decode_prompt_and_chunk_matches_transformers(checkpoint
         bm.allocate(seq)
     with torch.inference_mode():
         for seq, n in ((a, 30), (c, 10)):  # earlier steps: all of a's prompt, the start of c's
+            bm.grow(seq, n)  # as the scheduler does (the window pool's blocks come chunk by chunk)
             inputs = runner.prepare([ScheduledChunk(seq, 0, n)])
             runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta, inputs.logits_indices)
             seq.num_computed_tokens = n
         a.token_ids.append(77)  # as if sampled: a now decodes
         bm.grow(a, a.num_tokens)
+        bm.grow(c, 19)
+        bm.grow(b, 13)
         chunks = [ScheduledChunk(c, 10, 9), ScheduledChunk(a, 30, 1), ScheduledChunk(b, 0, 13)]
         inputs = runner.prepare(chunks)
         assert inputs.meta.num_decodes == 1 and inputs.sampling_seqs == [c, a, b]

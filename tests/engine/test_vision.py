@@ -83,10 +83,15 @@ def engine_logits(engine, ids, images, chunks: list[int]) -> torch.Tensor:
     runner = engine.runner
     seq = Sequence("probe", ids, SamplingParams(max_tokens=1), 0,
                    engine._image_spans(ids, SamplingParams(max_tokens=1), images))
-    engine.block_manager.allocate(seq)
+    bm = engine.block_manager
+    caching, bm.prefix_caching = bm.prefix_caching, False  # every position computed, none from the cache
+    bm.allocate(seq)
+    bm.prefix_caching = caching
     rows, start = [], 0
     with torch.inference_mode():
         for n in chunks:
+            seq.num_computed_tokens = start
+            engine.block_manager.grow(seq, start + n)  # as the scheduler does (window pool: chunk by chunk)
             inputs = runner.prepare([ScheduledChunk(seq, start, n)])
             rows.append(runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta,
                                      torch.arange(n), runner.embed_images(inputs), inputs.image_rows))
@@ -236,10 +241,10 @@ def test_prefix_hit_ending_inside_an_image_resumes_correctly(tiny_model_dir, hf_
     bm = engine.block_manager
     seq_probe = Sequence("x", ids, SamplingParams(), 0, engine._image_spans(ids, SamplingParams(), images))
     bm.allocate(seq_probe)
-    evict = {h: b for h, b in bm.cached.items() if b in seq_probe.block_table[keep:]}
+    evict = {h: b for h, b in bm.pool.cached.items() if b in seq_probe.block_table[keep:]}
     bm.free_blocks(seq_probe)
     for h in evict:
-        del bm.cached[h]
+        del bm.pool.cached[h]
     engine.add_request("resume", ids, GREEDY, images=images)
     seq = engine.sequences["resume"]
     chunks = []

@@ -172,10 +172,14 @@ def _teacher_forced_decode_logits(engine, prompts: list[list[int]], steps: int) 
         for seq in seqs:
             bm.allocate(seq)
             n = seq.num_tokens - steps
+            bm.grow(seq, n)  # as the scheduler does (a window pool's blocks come chunk by chunk)
             inputs = runner.prepare([ScheduledChunk(seq, 0, n)])
             runner.model(inputs.input_ids, inputs.positions, runner.kv_caches, inputs.meta, inputs.logits_indices)
         for step in range(steps):
             chunks = [ScheduledChunk(seq, seq.num_tokens - steps + step, 1) for seq in seqs]
+            for chunk in chunks:
+                chunk.seq.num_computed_tokens = chunk.start
+                bm.grow(chunk.seq, chunk.start + 1)
             if runner.graphs is not None:
                 assert runner.graphs.can_run(chunks)
                 runner.graphs.run(chunks)

@@ -259,12 +259,14 @@ def main(argv: list[str] | None = None) -> int:
                                         max_model_len=1024, max_queue_len=1 << 20, quantization=quantization))
         start_s = time.perf_counter() - t
         report["engines"][quantization] = {"start_s": start_s, "weight_bytes": _param_bytes(engine),
-                                           "kv_blocks": engine.runner.num_blocks}
+                                           "kv_blocks": engine.runner.num_blocks,
+                                           "kv_window_blocks": engine.runner.num_window_blocks}
         if i == 0:
             report["engine_start_s"] = start_s
             report["param_bytes"] = _param_bytes(engine)
         print(f"engine quantization={quantization}: weights {_param_bytes(engine) / 1e9:.2f} GB, "
-              f"{engine.runner.num_blocks} KV blocks, started in {start_s:.1f} s", flush=True)
+              f"{engine.runner.num_blocks} KV blocks ({engine.runner.num_window_blocks} more for sliding-window "
+              f"layers), started in {start_s:.1f} s", flush=True)
         rows.extend(run_decode_workloads(engine, ceil, wanted, args.w2_requests))
         if i == 0 and "W3" in wanted:
             vocab = engine.runner.model_config.vocab_size

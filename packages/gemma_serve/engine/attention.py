@@ -30,6 +30,7 @@ the keys up to its own position, or up to the end of the image run it belongs to
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -71,12 +72,29 @@ class AttentionMetadata:
     # tokens attend to each other bidirectionally; None when the step has no image tokens. The
     # scheduler puts a whole run in one step, so a run's later tokens are always in this step.
     image_spans_host: list[list[tuple[int, int]]] | None = None
+    # The sliding-window layers' pool (BlockManager's window pool): its block tables and the new
+    # tokens' slots there; None when every layer uses the tables above.
+    window_block_tables: torch.Tensor | None = None
+    window_slot_mapping: torch.Tensor | None = None
     # Device tensors derived once per step and shared by every layer (the prefill kernel's tiles).
     derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens_host)
+
+    def for_window(self) -> AttentionMetadata:
+        """The metadata of a sliding-window layer: the window pool's tables and slots (itself when
+        there is no window pool). Made once per step; shares `derived` (nothing in it depends on
+        the tables)."""
+        if self.window_block_tables is None:
+            return self
+        meta = self.derived.get("window")
+        if meta is None:
+            meta = dataclasses.replace(self, block_tables=self.window_block_tables,
+                                       slot_mapping=self.window_slot_mapping, derived=self.derived)
+            self.derived["window"] = meta
+        return meta
 
     def key_limits_host(self) -> list[int]:
         """Per flat row: the last key position it may see (its own position, or the end of the image

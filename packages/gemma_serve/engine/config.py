@@ -36,6 +36,10 @@ class EngineConfig:
     # "auto": weights from the checkpoint. "random": only config.json is read and the weights are
     # random with the real shapes (benchmarks on machines that cannot download weights).
     load_format: str = "auto"
+    # Sliding-window layers (Gemma 2/3) keep their K/V in a pool of their own and give back the
+    # blocks older than the window, so they hold about `sliding_window` tokens per sequence; False
+    # keeps every layer's whole context (one pool). Only used when the window < max_model_len.
+    sliding_window_kv: bool = True
     # Capture decode steps as CUDA graphs (CUDA only).
     cuda_graphs: bool = True
     # Launch a graphed decode step before reading the previous step's tokens, so the host's work

@@ -43,26 +43,57 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+class HostBlockTables:
+    """The host's copy of one pool's block tables, row by row as last sent to the graphs' buffer: a
+    row is rewritten only from where its sequence's table changed (tables grow one block every
+    block_size tokens), instead of rebuilding batch x blocks ids each step. Per row: (sequence, its
+    table epoch, length sent). Entries that become FREED later (window pool) are never read, so a
+    stale id there is harmless."""
+
+    def __init__(self, max_batch: int, max_blocks: int, scratch_block: int, window: bool) -> None:
+        self.array = np.full((max_batch, max_blocks), scratch_block, dtype=np.int64)
+        self.state: list[tuple[Sequence, int, int] | None] = [None] * max_batch
+        self.scratch_block = scratch_block
+        self.window = window
+
+    def put(self, row: int, seq: Sequence) -> None:
+        table = seq.window_table if self.window else seq.block_table
+        state = self.state[row]
+        sent = state[2] if state is not None and state[0] is seq and state[1] == seq.block_table_epoch else 0
+        if sent < len(table):
+            self.array[row, sent:len(table)] = [max(0, b) for b in table[sent:]] if self.window else table[sent:]
+            self.state[row] = (seq, seq.block_table_epoch, len(table))
+
+    def pad(self, row: int) -> None:
+        """A padding row: reads the scratch block (context length 1)."""
+        if self.state[row] is not None:
+            self.array[row, 0] = self.scratch_block
+            self.state[row] = None
+
+
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, scratch_block: int) -> None:
+    def __init__(self, runner: ModelRunner, scratch_block: int, window_scratch_block: int = 0) -> None:
         self.runner = runner
         self.device = runner.device
         self.block_size = runner.block_size
         self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * runner.block_size
+        # The sliding-window layers' pool, when they have their own (its last block is its scratch).
+        self.window = runner.kv_layout.window is not None
+        self.window_scratch_block = window_scratch_block
+        self.window_scratch_slot = window_scratch_block * runner.block_size
         self.sizes = graph_batch_sizes(runner.config.max_num_seqs)
         self.max_batch = self.sizes[-1]
         self.max_blocks = -(-runner.max_model_len // runner.block_size)
         dev = self.device
-        # Rows: token ids, positions, cache slots, context lengths (what the graphs read), and for
-        # overlapped steps the row of the previous step's draws that holds each row's token (-1: none).
-        self.vectors = torch.zeros(5, self.max_batch, dtype=torch.long, device=dev)
+        # Rows: token ids, positions, cache slots, context lengths, window-pool slots (what the graphs
+        # read), and for overlapped steps the row of the previous step's draws that holds each row's
+        # token (-1: none).
+        self.vectors = torch.zeros(6, self.max_batch, dtype=torch.long, device=dev)
         self.block_tables = torch.zeros(self.max_batch, self.max_blocks, dtype=torch.long, device=dev)
-        # The host's copy of the block tables, row by row as last sent: a row is rewritten only from
-        # where its sequence's table changed (tables grow one block every block_size tokens), instead
-        # of rebuilding batch x blocks ids each step. Per row: (sequence, its table epoch, length sent).
-        self.host_tables = np.full((self.max_batch, self.max_blocks), scratch_block, dtype=np.int64)
-        self.row_state: list[tuple[Sequence, int, int] | None] = [None] * self.max_batch
+        self.window_tables = torch.zeros(self.max_batch, self.max_blocks, dtype=torch.long, device=dev)
+        self.host_tables = HostBlockTables(self.max_batch, self.max_blocks, scratch_block, window=False)
+        self.host_window_tables = HostBlockTables(self.max_batch, self.max_blocks, window_scratch_block, window=True)
         self.query_start = torch.arange(self.max_batch + 1, dtype=torch.long, device=dev)
         self.logits_indices = torch.arange(self.max_batch, dtype=torch.long, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -78,7 +109,9 @@ class DecodeGraphs:
             slot_mapping=self.vectors[2, :batch], block_tables=self.block_tables[:batch],
             context_lens=self.vectors[3, :batch], query_start=self.query_start[:batch + 1], num_decodes=batch,
             max_decode_context_len=max_len, query_start_host=list(range(batch + 1)),
-            context_lens_host=[max_len] * batch, decode_split_len=self.runner.decode_split_len)
+            context_lens_host=[max_len] * batch, decode_split_len=self.runner.decode_split_len,
+            window_block_tables=self.window_tables[:batch] if self.window else None,
+            window_slot_mapping=self.vectors[4, :batch] if self.window else None)
 
     def _forward(self, batch: int) -> torch.Tensor:
         r = self.runner
@@ -91,7 +124,9 @@ class DecodeGraphs:
         self.vectors[1].zero_()
         self.vectors[2].fill_(self.scratch_slot)
         self.vectors[3].fill_(1)
+        self.vectors[4].fill_(self.window_scratch_slot)
         self.block_tables.fill_(self.scratch_block)
+        self.window_tables.fill_(self.window_scratch_block)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -134,9 +169,8 @@ class DecodeGraphs:
         n = len(chunks)
         batch = self.sizes[bisect.bisect_left(self.sizes, n)]
         bs = self.block_size
-        ids, positions, slots, ctx_lens = [], [], [], []
+        ids, positions, slots, ctx_lens, window_slots = [], [], [], [], []
         width = 1
-        tables, states = self.host_tables, self.row_state
         for i, c in enumerate(chunks):
             seq = c.seq
             table = seq.block_table
@@ -145,27 +179,29 @@ class DecodeGraphs:
             positions.append(pos)
             slots.append(table[pos // bs] * bs + pos % bs)
             ctx_lens.append(pos + 1)
-            length = len(table)
-            width = max(width, length)
-            state = states[i]
-            sent = state[2] if state is not None and state[0] is seq and state[1] == seq.block_table_epoch else 0
-            if sent < length:
-                tables[i, sent:length] = table[sent:]
-                states[i] = (seq, seq.block_table_epoch, length)
+            width = max(width, len(table))
+            self.host_tables.put(i, seq)
+            if self.window:
+                window_slots.append(seq.window_table[pos // bs] * bs + pos % bs)
+                self.host_window_tables.put(i, seq)
         pad = batch - n
-        for i in range(n, batch):  # padding rows read the scratch block (context length 1)
-            if states[i] is not None:
-                tables[i, 0] = self.scratch_block
-                states[i] = None
-        rows = [ids + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad, ctx_lens + [1] * pad]
-        if previous_rows is not None:
-            rows.append(previous_rows + [-1] * pad)
+        for i in range(n, batch):
+            self.host_tables.pad(i)
+            self.host_window_tables.pad(i)
+        if not self.window:
+            window_slots = [self.window_scratch_slot] * n
+        rows = [ids + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad, ctx_lens + [1] * pad,
+                window_slots + [self.window_scratch_slot] * pad, (previous_rows or [-1] * n) + [-1] * pad]
         host = torch.tensor(rows, dtype=torch.long)
         # Columns past a row's table keep stale ids: the kernel reads only the blocks below context_len.
-        self.vectors[:len(rows), :batch].copy_(host, non_blocking=True)
-        self.block_tables[:batch, :width].copy_(torch.from_numpy(tables[:batch, :width]), non_blocking=True)
+        self.vectors[:, :batch].copy_(host, non_blocking=True)
+        self.block_tables[:batch, :width].copy_(torch.from_numpy(self.host_tables.array[:batch, :width]),
+                                                non_blocking=True)
+        if self.window:
+            self.window_tables[:batch, :width].copy_(torch.from_numpy(self.host_window_tables.array[:batch, :width]),
+                                                     non_blocking=True)
         if previous_rows is not None:
-            src = self.vectors[4, :batch]
+            src = self.vectors[5, :batch]
             taken = previous_tokens[src.clamp(min=0)]
             self.vectors[0, :batch] = torch.where(src >= 0, taken, self.vectors[0, :batch])
         self.graphs[batch].replay()

@@ -43,7 +43,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.runner = ModelRunner(config)
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        layout = self.runner.kv_layout
+        self.block_manager = BlockManager(layout.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          layout.window, layout.num_window_blocks)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.runner.max_model_len, config.max_queue_len)
         self.sequences: dict[str, Sequence] = {}
@@ -208,7 +210,8 @@ class LLMEngine:
                            num_total_blocks=self.block_manager.num_blocks,
                            extra={"num_preemptions": self.scheduler.num_preemptions,
                                   "num_images_encoded": self.runner.vision.num_encoded if self.runner.vision else 0,
-                                  "image_feature_cache_hits": self.runner.feature_cache.hits})
+                                  "image_feature_cache_hits": self.runner.feature_cache.hits,
+                                  "num_free_window_blocks": self.block_manager.num_free_window_blocks})
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  images: list[list[ImageInput] | None] | None = None) -> list[list[int]]:

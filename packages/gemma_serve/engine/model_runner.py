@@ -78,6 +78,41 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+@dataclass(frozen=True)
+class KVLayout:
+    """How the KV cache is split: `num_blocks` blocks for the full-attention layers (every layer
+    when `window` is None) and, with a window, `num_window_blocks` for the sliding-window layers."""
+
+    num_blocks: int
+    window: int | None = None
+    num_window_blocks: int = 0
+
+
+def plan_kv_cache(cfg: ModelConfig, config: EngineConfig, max_model_len: int, dtype: torch.dtype,
+                  free_bytes: int | None) -> KVLayout:
+    """Blocks per pool. The window pool gets what the running sequences can use (each about
+    `window` tokens, plus one step's new tokens) and at most half of the memory; the full-attention
+    pool gets the rest. `free_bytes` None: the sizes come from num_kv_blocks or cpu_kv_cache_tokens."""
+    bs = config.block_size
+    layer_block = 2 * bs * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+    num_sliding = sum(cfg.sliding)
+    window = cfg.sliding_window
+    use_window = bool(config.sliding_window_kv and num_sliding and window and window < max_model_len)
+    if free_bytes is None or config.num_kv_blocks:
+        blocks = config.num_kv_blocks or max(1, config.cpu_kv_cache_tokens // bs)
+        if not use_window:
+            return KVLayout(blocks)
+        wanted = config.max_num_seqs * (-(-window // bs) + 2) + -(-config.max_num_batched_tokens // bs)
+        return KVLayout(blocks, window, min(blocks, wanted))
+    budget = int(free_bytes * config.kv_cache_memory_fraction)
+    if not use_window:
+        return KVLayout(max(1, budget // (cfg.num_layers * layer_block)))
+    wanted = config.max_num_seqs * (-(-window // bs) + 2) + -(-config.max_num_batched_tokens // bs)
+    window_blocks = max(1, min(wanted, budget // 2 // (num_sliding * layer_block)))
+    rest = budget - window_blocks * num_sliding * layer_block
+    return KVLayout(max(1, rest // ((cfg.num_layers - num_sliding) * layer_block)), window, window_blocks)
+
+
 @dataclass
 class StepInputs:
     """The flattened batch of one step, on the device."""
@@ -164,20 +199,30 @@ class ModelRunner:
         logger.info("loaded %s (Gemma %d, %d layers) on %s in %s in %.1f s", folder, cfg.generation, cfg.num_layers,
                     self.device, self.dtype, time.monotonic() - start)
         self.block_size = config.block_size
-        self.num_blocks = self._num_blocks()
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        self.kv_layout = plan_kv_cache(cfg, config, self.max_model_len, self.dtype, free)
+        self.num_blocks = self.kv_layout.num_blocks
+        self.num_window_blocks = self.kv_layout.num_window_blocks
         self.decode_split_len = decode_split_len(self.max_model_len)
         use_graphs = config.cuda_graphs and self.device.type == "cuda"
         if use_graphs and not decode_kernel_available():
             logger.warning("CUDA graphs need Triton's paged decode kernel, and Triton is not installed: eager steps")
             use_graphs = False
-        # With CUDA graphs, one block more than the block manager knows of: the scratch block that
-        # the padding rows of a graphed batch write to.
-        shape = (self.num_blocks + int(use_graphs), self.block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(cfg.num_layers)]
+        # With CUDA graphs, one block more per pool than the block manager knows of: the scratch
+        # block that the padding rows of a graphed batch write to (the last one).
+        windowed = [self.kv_layout.window is not None and s for s in cfg.sliding]
+        self.kv_caches = []
+        for in_window in windowed:
+            blocks = self.num_window_blocks if in_window else self.num_blocks
+            shape = (blocks + int(use_graphs), self.block_size, cfg.num_kv_heads, cfg.head_dim)
+            self.kv_caches.append((torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                   torch.zeros(shape, dtype=self.dtype, device=self.device)))
         tokens = self.num_blocks * self.block_size
-        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f sequences of max_model_len %d)",
-                    self.num_blocks, self.block_size, tokens, tokens / self.max_model_len, self.max_model_len)
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens (%.1f sequences of max_model_len %d)%s",
+                    self.num_blocks, self.block_size, tokens, tokens / self.max_model_len, self.max_model_len,
+                    f" for the {cfg.num_layers - sum(windowed)} full-attention layers; the {sum(windowed)} "
+                    f"sliding-window layers keep their {self.kv_layout.window}-token window in "
+                    f"{self.num_window_blocks} blocks" if self.kv_layout.window else "")
         # Two pinned buffers for the draws of overlapped steps: one being read, one being written.
         self._draw_buffers = []
         if self.device.type == "cuda":
@@ -189,7 +234,7 @@ class ModelRunner:
         if use_graphs:
             from gemma_serve.engine.cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self, scratch_block=self.num_blocks)
+            self.graphs = DecodeGraphs(self, scratch_block=self.num_blocks, window_scratch_block=self.num_window_blocks)
             self.graphs.capture()
         if self.device.type == "cuda":
             self._warm_up()
@@ -201,20 +246,27 @@ class ModelRunner:
         graphs' scratch block, or block 0: nothing is allocated yet, and a block is always written
         before it is read."""
         start = time.monotonic()
-        block = self.num_blocks if self.graphs is not None else 0
-        slot = block * self.block_size
         dev = self.device
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=dev)
 
         n = min(3, self.block_size)  # the chunk stays within the one block
+
+        def block_and_slots(scratch: int) -> tuple[torch.Tensor, torch.Tensor]:
+            block = scratch if self.graphs is not None else 0
+            slot = block * self.block_size
+            return tensor([[block], [block]]), tensor([slot] + [slot + i for i in range(n)])
+
+        tables, slots = block_and_slots(self.num_blocks)
+        window_tables, window_slots = block_and_slots(self.num_window_blocks) if self.kv_layout.window else (None, None)
         meta = AttentionMetadata(
-            slot_mapping=tensor([slot] + [slot + i for i in range(n)]), block_tables=tensor([[block], [block]]),
-            context_lens=tensor([1, n]), query_start=tensor([0, 1, 1 + n]), num_decodes=1, max_decode_context_len=1,
-            query_start_host=[0, 1, 1 + n], context_lens_host=[1, n], decode_split_len=self.decode_split_len)
+            slot_mapping=slots, block_tables=tables, context_lens=tensor([1, n]), query_start=tensor([0, 1, 1 + n]),
+            num_decodes=1, max_decode_context_len=1, query_start_host=[0, 1, 1 + n], context_lens_host=[1, n],
+            decode_split_len=self.decode_split_len, window_block_tables=window_tables, window_slot_mapping=window_slots)
         self.model(tensor([0] * (1 + n)), tensor([0] + list(range(n))), self.kv_caches, meta, tensor([0, n]))
-        torch.cuda.synchronize(dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         logger.info("warmed up the eager (prefill) path in %.1f s", time.monotonic() - start)
 
     def _load_vision(self, folder) -> VisionEncoder:
@@ -227,18 +279,6 @@ class ModelRunner:
         else:
             load_vision_weights(vision, folder)
         return vision.eval()
-
-    def _block_bytes(self) -> int:
-        cfg = self.model_config
-        return 2 * cfg.num_layers * self.block_size * cfg.num_kv_heads * cfg.head_dim * torch.finfo(self.dtype).bits // 8
-
-    def _num_blocks(self) -> int:
-        if self.config.num_kv_blocks:
-            return self.config.num_kv_blocks
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return max(1, int(free * self.config.kv_cache_memory_fraction) // self._block_bytes())
-        return max(1, self.config.cpu_kv_cache_tokens // self.block_size)
 
     def prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
         """Flatten the step: decodes first (one token each), then prefill chunks, as the attention
@@ -284,6 +324,12 @@ class ModelRunner:
         owner = torch.repeat_interleave(torch.arange(len(order)), query_lens)
         pos = host["positions"]
         host["slot_mapping"] = host["block_tables"][owner, pos // self.block_size] * self.block_size + pos % self.block_size
+        if self.kv_layout.window:
+            # The window pool's table (given-back entries, FREED, are never read: sent as block 0).
+            rows = [[max(0, b) for b in chunks[j].seq.window_table] for j in order]
+            host["window_block_tables"] = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+            host["window_slot_mapping"] = (host["window_block_tables"][owner, pos // self.block_size] * self.block_size
+                                           + pos % self.block_size)
         dev = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
         meta = AttentionMetadata(
             slot_mapping=dev["slot_mapping"],
@@ -296,6 +342,8 @@ class ModelRunner:
             context_lens_host=ctx_lens,
             decode_split_len=self.decode_split_len,
             image_spans_host=image_spans if image_rows else None,
+            window_block_tables=dev.get("window_block_tables"),
+            window_slot_mapping=dev.get("window_slot_mapping"),
         )
         return StepInputs(dev["input_ids"], dev["positions"], meta, dev["logits_indices"],
                           [c.seq for c in chunks if c.samples], dev.get("image_rows"), image_pieces or None)

@@ -69,6 +69,12 @@ class Scheduler:
         capacity = self.blocks.num_blocks * self.blocks.block_size
         if total > capacity:
             raise RequestRejectedError(f"the request needs {total} tokens of KV cache; the whole cache holds {capacity}")
+        if self.blocks.window_pool is not None:
+            # At most a window plus one step's tokens (and a partly used block at each end).
+            need = self.blocks.blocks_needed(min(total, self.blocks.window - 1 + self.max_num_batched_tokens)) + 1
+            if need > self.blocks.window_pool.num_blocks:
+                raise RequestRejectedError(f"the sliding-window layers' cache ({self.blocks.window_pool.num_blocks} "
+                                           f"blocks) is too small for one sequence ({need} blocks)")
         if len(self.waiting) >= self.max_queue_len:
             raise EngineOverloadedError(f"{len(self.waiting)} requests are already waiting (max_queue_len)")
 
@@ -98,8 +104,10 @@ class Scheduler:
                 n = fit_image_runs(seq, seq.num_computed_tokens, n)
                 if n == 0:
                     continue  # an image run that does not fit the budget left: next step
-            if self.blocks.blocks_needed(seq.num_computed_tokens + n) <= len(seq.block_table):
+            if self.blocks.fits(seq, seq.num_computed_tokens + n):
                 # The common decode step: the token fits the sequence's last block.
+                if self.blocks.window_pool is not None:
+                    self.blocks.trim_window(seq, seq.num_computed_tokens)
                 chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
                 scheduled.add(id(seq))
                 budget -= n
@@ -123,7 +131,7 @@ class Scheduler:
         # after a preemption: the blocks just freed are needed by the running sequences next step.
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq):
+            if not self.blocks.can_allocate(seq, budget):
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq)
@@ -132,6 +140,7 @@ class Scheduler:
             n = fit_image_runs(seq, seq.num_computed_tokens, min(seq.num_tokens - seq.num_computed_tokens, budget))
             if n == 0:
                 break  # admitted, its first chunk (an image run) starts next step; later arrivals wait
+            self.blocks.grow(seq, seq.num_computed_tokens + n)  # the window pool's blocks for the chunk
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, n))
             budget -= n
         return chunks

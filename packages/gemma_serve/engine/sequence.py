@@ -34,6 +34,10 @@ class Sequence:
         # Bumped whenever block_table is replaced rather than appended to (blocks freed), so a cached
         # copy of the table (the graph runner's host rows) knows when its prefix is stale.
         self.block_table_epoch = 0
+        # The sliding-window layers' blocks (BlockManager's window pool), indexed as block_table;
+        # entries before `window_freed` were given back (FREED).
+        self.window_table: list[int] = []
+        self.window_freed = 0
         # Tokens whose K/V are in the cache (computed, or found in the prefix cache).
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prefix-cache hits at the last admission

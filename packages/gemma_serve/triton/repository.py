@@ -46,6 +46,7 @@ def engine_config(settings: ServingSettings) -> EngineConfig:
         load_format=settings.load_format,
         cuda_graphs=settings.cuda_graphs,
         overlap_steps=settings.overlap_steps,
+        sliding_window_kv=settings.sliding_window_kv,
     )
 
 

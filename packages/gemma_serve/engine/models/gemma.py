@@ -91,6 +91,8 @@ class GemmaLayer(nn.Module):
         previous layer's fused tail. Returns the new residual stream and `next_norm` of it."""
         cfg = self.cfg
         tokens = hidden.shape[0]
+        if self.sliding:
+            meta = meta.for_window()  # this layer's K/V live in the window pool, when there is one
         qkv = self.qkv_proj(normed)
         q = qkv_to_cache(qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                          self.q_norm.weight if cfg.qk_norm else None, self.k_norm.weight if cfg.qk_norm else None,
