@@ -96,13 +96,20 @@ def test_plan_splits_memory_between_the_pools(checkpoints):
     config = EngineConfig(model=str(folder), block_size=4, max_num_seqs=16, max_num_batched_tokens=64)
     layer_block = 2 * 4 * 2 * 16 * 4  # K and V, float32
     free = 10_000 * layer_block * cfg.num_layers
+    single = int(free * config.kv_cache_memory_fraction) // (cfg.num_layers * layer_block)  # one pool
     plan = plan_kv_cache(cfg, config, 512, torch.float32, free)
     assert plan.window == 8
     assert plan.num_window_blocks == 16 * (2 + 2) + 16  # each sequence's window, plus one step's tokens
     used = (plan.num_window_blocks * 2 + plan.num_blocks * 2) * layer_block
     assert used <= free * config.kv_cache_memory_fraction < used + 2 * layer_block
     # The full-attention pool holds more tokens than one pool for every layer would.
-    assert plan.num_blocks > int(free * config.kv_cache_memory_fraction) // (cfg.num_layers * layer_block)
+    assert plan.num_blocks > single
+    # Little memory: the window pool gets no more blocks than one pool would (short sequences fit
+    # as many as before), the full-attention pool at least as many.
+    small = 40 * layer_block * cfg.num_layers
+    tight = plan_kv_cache(cfg, config, 512, torch.float32, small)
+    single_small = int(small * config.kv_cache_memory_fraction) // (cfg.num_layers * layer_block)
+    assert tight.num_window_blocks == single_small and tight.num_blocks >= single_small
     off = EngineConfig(model=str(folder), block_size=4, sliding_window_kv=False)
     assert plan_kv_cache(cfg, off, 512, torch.float32, free).window is None
     assert plan_kv_cache(cfg, config, 8, torch.float32, free).window is None  # the window covers everything

@@ -91,8 +91,10 @@ class KVLayout:
 def plan_kv_cache(cfg: ModelConfig, config: EngineConfig, max_model_len: int, dtype: torch.dtype,
                   free_bytes: int | None) -> KVLayout:
     """Blocks per pool. The window pool gets what the running sequences can use (each about
-    `window` tokens, plus one step's new tokens) and at most half of the memory; the full-attention
-    pool gets the rest. `free_bytes` None: the sizes come from num_kv_blocks or cpu_kv_cache_tokens."""
+    `window` tokens, plus one step's new tokens), but never more blocks than a single pool for every
+    layer would have; the full-attention pool gets the rest. So neither pool holds fewer tokens than
+    the single pool would: short sequences (all inside the window) fit as many as before, long ones
+    many more. `free_bytes` None: the sizes come from num_kv_blocks or cpu_kv_cache_tokens."""
     bs = config.block_size
     layer_block = 2 * bs * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
     num_sliding = sum(cfg.sliding)
@@ -105,10 +107,11 @@ def plan_kv_cache(cfg: ModelConfig, config: EngineConfig, max_model_len: int, dt
         wanted = config.max_num_seqs * (-(-window // bs) + 2) + -(-config.max_num_batched_tokens // bs)
         return KVLayout(blocks, window, min(blocks, wanted))
     budget = int(free_bytes * config.kv_cache_memory_fraction)
+    single_pool = max(1, budget // (cfg.num_layers * layer_block))
     if not use_window:
-        return KVLayout(max(1, budget // (cfg.num_layers * layer_block)))
+        return KVLayout(single_pool)
     wanted = config.max_num_seqs * (-(-window // bs) + 2) + -(-config.max_num_batched_tokens // bs)
-    window_blocks = max(1, min(wanted, budget // 2 // (num_sliding * layer_block)))
+    window_blocks = min(wanted, single_pool)
     rest = budget - window_blocks * num_sliding * layer_block
     return KVLayout(max(1, rest // ((cfg.num_layers - num_sliding) * layer_block)), window, window_blocks)
 
