@@ -185,3 +185,18 @@ def test_warm_up_step_writes_only_scratch_or_unallocated_blocks(checkpoints, gra
         in_window = runner.model_config.sliding[i]
         expected = (runner.num_window_blocks if in_window else runner.num_blocks) if graphs else 0
         assert touched == {expected}, (i, touched)
+
+
+def test_long_context_benchmark_runs_both_layouts_and_compares_their_tokens(checkpoints):
+    """engine_bench's W4 on the CPU at toy sizes: one row per layout, same greedy tokens."""
+    from gemma_serve.bench.engine_bench import run_long_context
+
+    folder, _ = checkpoints["gemma3"]
+    base = dict(model=str(folder), device="cpu", dtype="float32", block_size=4, max_num_seqs=4,
+                max_num_batched_tokens=32, cpu_kv_cache_tokens=400)
+    rows = run_long_context(base, requests=6, prompt_len=40, output_len=8, max_model_len=128)
+    on, off = rows
+    assert on.extra["sliding_window_kv"] and not off.extra["sliding_window_kv"]
+    assert on.extra["kv_window_tokens"] > 0 and off.extra["kv_window_tokens"] == 0
+    assert on.extra["same_tokens_as_whole_context"] is True
+    assert 1 <= on.extra["max_running"] <= 4 and on.output_tok_s > 0

@@ -8,6 +8,9 @@ Workloads (random weights with the real shapes unless --load-format auto):
   W2  throughput: 1024 requests x (512 in, 256 out), at most 256 running; output/total tok/s, TTFT, ITL
   W3  baseline: 128 requests x (128 in, 128 out) through this engine, transformers generate() and
       transformers generate_batch(), so the ratio is measured side by side
+  W4  long context (not in the default list): 64 requests x (16,384 in, 64 out), max_model_len 32,768,
+      on an engine whose sliding-window layers keep only their window and on one that keeps every
+      layer's whole context: KV capacity, most sequences running at once, output tok/s
 
 W1 and W2 run once per `--quantization` (default bf16 and weight-only INT8, one engine after the
 other), each against its own bound (INT8 reads half the linear layers' bytes); W3 runs on the first.
@@ -120,20 +123,26 @@ def prefill_bound_s(engine: LLMEngine, ceil: Ceilings, prompt_tokens: int) -> fl
     return 2 * model_weight_count(engine.runner.model) * prompt_tokens / (ceil.bf16_tflops * 1e12)
 
 
-def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> WorkloadResult:
-    """Add everything at t0 and step until done, recording when each request's tokens appear."""
+def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams,
+                 outputs: dict[str, list[int]] | None = None) -> WorkloadResult:
+    """Add everything at t0 and step until done, recording when each request's tokens appear (and
+    the tokens themselves into `outputs`). extra["max_running"]: most sequences running at once."""
     t0 = time.perf_counter()
     times: dict[str, list[float]] = {}
     for i, p in enumerate(prompts):
         engine.add_request(f"w{i}", p, params)
         times[f"w{i}"] = []
+    max_running = 0
     while engine.has_unfinished():
         # No device sync here: step() returns once its tokens are on the host, and an overlapped
         # decode step must stay queued on the GPU while the host handles the previous one.
-        outputs = engine.step()
+        deltas = engine.step()
         now = time.perf_counter()
-        for out in outputs:
+        max_running = max(max_running, len(engine.scheduler.running))
+        for out in deltas:
             times[out.request_id].extend([now] * len(out.new_token_ids))
+            if outputs is not None:
+                outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
     wall = time.perf_counter() - t0
     ttft = [(t[0] - t0) * 1e3 for t in times.values() if t]
     itl = [(b - a) * 1e3 for t in times.values() for a, b in zip(t, t[1:])]
@@ -141,7 +150,8 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingPa
     prompt_tokens = sum(len(p) for p in prompts)
     return WorkloadResult("", len(prompts), len(prompts[0]), params.max_tokens, wall, out_tokens / wall,
                           (out_tokens + prompt_tokens) / wall, statistics.mean(ttft), _p99(ttft),
-                          statistics.mean(itl) if itl else 0.0, _p99(itl) if itl else 0.0)
+                          statistics.mean(itl) if itl else 0.0, _p99(itl) if itl else 0.0,
+                          extra={"max_running": max_running})
 
 
 def _p99(values: list[float]) -> float:
@@ -194,6 +204,34 @@ def run_transformers(model_dir: str, prompts: list[list[int]], new_tokens: int) 
     del model
     torch.cuda.empty_cache()
     return results
+
+
+def run_long_context(base: dict, requests: int = 64, prompt_len: int = 16_384, output_len: int = 64,
+                     max_model_len: int = 32_768) -> list[WorkloadResult]:
+    """W4: the same long prompts on an engine whose sliding-window layers keep only their window and
+    on one that keeps every layer's whole context (`base`: the other EngineConfig fields). Each row:
+    KV capacity in tokens (full-attention pool; window pool), most sequences running at once, output
+    tok/s; and whether both engines produced the same tokens."""
+    rows, tokens = [], []
+    for window_kv in (True, False):
+        engine = LLMEngine(EngineConfig(**base, max_model_len=max_model_len, sliding_window_kv=window_kv))
+        vocab = engine.runner.model_config.vocab_size
+        outputs: dict[str, list[int]] = {}
+        r = run_requests(engine, _prompts(requests, prompt_len, vocab, 4),
+                         SamplingParams(max_tokens=output_len, temperature=0.0, stop_token_ids=()), outputs)
+        r.name = f"W4 long context {requests} x {prompt_len}/{output_len}, window KV {'on' if window_kv else 'off'}"
+        runner = engine.runner
+        r.extra.update(kv_tokens=runner.num_blocks * runner.block_size,
+                       kv_window_tokens=runner.num_window_blocks * runner.block_size,
+                       sliding_window_kv=runner.kv_layout.window is not None)
+        rows.append(r)
+        tokens.append([outputs[k] for k in sorted(outputs)])
+        del engine
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    rows[0].extra["same_tokens_as_whole_context"] = tokens[0] == tokens[1]
+    return rows
 
 
 def run_decode_workloads(engine: LLMEngine, ceil: Ceilings, wanted: set[str], w2_requests: int) -> list[WorkloadResult]:
@@ -278,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         del engine
         gc.collect()  # the runner and its CUDA graphs reference each other
         torch.cuda.empty_cache()
+    if "W4" in wanted:
+        base = dict(model=args.model, load_format=args.load_format, device="cuda", dtype="bfloat16",
+                    max_num_seqs=256, max_num_batched_tokens=8192, max_queue_len=1 << 20)
+        for r in run_long_context(base):
+            print(f"{r.name}: {r.output_tok_s:.1f} out tok/s, at most {r.extra['max_running']} running, KV "
+                  f"{r.extra['kv_tokens']} tokens (+{r.extra['kv_window_tokens']} in the window pool)", flush=True)
+            rows.append(r)
     if w3_prompts is not None:
         r = next(r for r in rows if r.name.startswith("W3"))
         hf = run_transformers(args.model, w3_prompts, 128)
