@@ -77,16 +77,23 @@ def test_paged_decode_kernel_matches_pytorch_path(dtype, tensor_cores, heads, kv
     # Reference: the PyTorch path in float32 on the same (rounded) values.
     ref = attention._decode(q.float(), k_cache.float(), v_cache.float(), tables, lens, max(ctx), scale, window,
                             softcap)
-    outs = []
-    for split_len, max_len in ((64, max(ctx)), (64, 4096), (256, max(ctx)), (256, 4096)):
-        out = torch.full_like(q, float("nan"))
-        attention.paged_decode(q, k_cache, v_cache, tables, lens, max_len, scale, window, softcap, split_len, out,
-                               tensor_cores=tensor_cores)
-        assert not out.isnan().any()
-        assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 8e-3)
-        outs.append(out)
-    # The grid (sized by the longest context allowed) does not change any result.
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[2], outs[3])
+    outs = {}
+    for node_len in (64, 256):
+        for max_len in (max(ctx), 4096):
+            for leaf_mode in (False, True):
+                out = torch.full_like(q, float("nan"))
+                attention.paged_decode(q, k_cache, v_cache, tables, lens, max_len, scale, window, softcap, node_len,
+                                       out, tensor_cores=tensor_cores, leaf_mode=leaf_mode)
+                assert not out.isnan().any()
+                assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 8e-3)
+                outs[node_len, max_len, leaf_mode] = out
+    # Neither the grid (sized by the longest context allowed) nor one program per leaf or per node
+    # changes any result: the node length alone fixes how the sums are formed.
+    for node_len in (64, 256):
+        first = outs[node_len, max(ctx), False]
+        for key, out in outs.items():
+            if key[0] == node_len:
+                assert torch.equal(out, first), key
 
 
 # -- engine ----------------------------------------------------------------------------------------

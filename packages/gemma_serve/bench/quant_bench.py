@@ -179,12 +179,64 @@ def sweep(ms: list[int], copy_gbps: float, layers: int) -> list[dict]:
     return rows
 
 
+def bf16_gemv_sweep(copy_gbps: float, layers: int) -> list[dict]:
+    """One token, bf16 weights: cuBLAS (`F.linear`) against the Triton one-token kernel with 16-bit
+    weights (no scales), per projection and tile shape."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    xs = inputs(1)
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        bf16 = make_weights("bf16", {name: (n, k)}, layers)
+        nbytes = weight_bytes(bf16)
+        bound_us = nbytes / (copy_gbps * 1e9) * 1e6 / layers
+
+        def triton_step(cfg: quant.KernelConfig):
+            def run() -> None:
+                for layer in bf16:
+                    w = layer[name]
+                    quant.triton_weight_only_linear(xs[k], w, None, cfg)
+            return run
+
+        timed = {}
+        for block_n, block_k, warps, stages in [(4, 1024, 4, 2), (8, 512, 4, 2), (8, 512, 4, 3), (8, 1024, 8, 2),
+                                                (16, 512, 8, 2), (4, 512, 4, 3), (2, 1024, 4, 3), (16, 256, 4, 3),
+                                                (4, 256, 4, 4)]:
+            if block_k > k:
+                continue
+            for target in (0, 2, 4):
+                cfg = resolve_split(quant.KernelConfig(1, block_n, block_k, -target, warps, stages), 1, n, k)
+                if cfg is None or str(cfg) in timed:
+                    continue
+                try:
+                    timed[str(cfg)] = graph_ms(triton_step(cfg)) * 1e3 / layers
+                except Exception as exc:
+                    timed[str(cfg)] = float("inf")
+                    print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+        cublas_us = graph_ms(step_fn(bf16, xs)) * 1e3 / layers
+        best = min(timed, key=timed.get)
+        # Same numbers as cuBLAS within bf16 rounding of the sum.
+        w = bf16[0][name]
+        ref = F.linear(xs[k].float(), w.float())
+        got = quant.triton_weight_only_linear(xs[k], w, None, quant.KernelConfig(1, 8, 512, 1, 4, 2)).float()
+        err = ((got - ref).norm() / ref.norm()).item()
+        rows.append(dict(shape=name, n=n, k=k, bound_us=bound_us, cublas_us=cublas_us, best=best, best_us=timed[best],
+                         rel_err=err, sms=sms, top5=sorted(timed.items(), key=lambda kv: kv[1])[:5]))
+        print(f"bf16 one token {name:8s} bound {bound_us:6.1f} us  cuBLAS {cublas_us:6.1f} ({100 * bound_us / cublas_us:4.1f}%)"
+              f"  Triton best {timed[best]:6.1f} ({100 * bound_us / timed[best]:4.1f}%) {best}  rel err {err:.1e}",
+              flush=True)
+        del bf16
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", default="1,16,64,256", help="rows (decode batch sizes) to time")
     parser.add_argument("--methods", default="bf16,int8,fp8")
     parser.add_argument("--sweep", action="store_true", help="also time candidate tile shapes per projection")
     parser.add_argument("--sweep-batch", default="1,16,256", help="rows to sweep tile shapes at")
+    parser.add_argument("--bf16-gemv", action="store_true",
+                        help="only: one token on bf16 weights, cuBLAS against the Triton one-token kernel")
     parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -199,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
                     "layers": args.layers, "stack": []}
     print(f"device {report['device']}: copy {copy:.0f} GB/s (read+write); {args.layers} layers x "
           f"{', '.join(f'{k} {n}x{kk}' for k, (n, kk) in SHAPES.items())}", flush=True)
+    if args.bf16_gemv:
+        report["bf16_gemv"] = bf16_gemv_sweep(copy, args.layers)
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2))
+        return 0
     print(f"{'method':6s} {'batch':>5s} {'ms/step':>8s} {'GB/s':>7s} {'% bound':>8s} {'vs bf16':>8s}")
     base: dict[int, float] = {}
     for method in methods:

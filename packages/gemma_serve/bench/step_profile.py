@@ -216,7 +216,8 @@ def _graph_us(fn, launches: int) -> float:
 
 def decode_tile_sweep(engine: LLMEngine, copy_gbps: float) -> list[dict]:
     """paged_decode on one layer's shapes (batch 256 at 512 keys, batch 1 at 384 and 160) for several
-    split lengths and tiles, timed in CUDA graphs of 34 launches: GB/s of K/V against the copy rate."""
+    node lengths and tiles, one program per node or per leaf (`leaf`), timed in CUDA graphs of 34
+    launches: GB/s of K/V against the copy rate."""
     cfg = engine.runner.model_config
     dev, dtype, page = engine.runner.device, engine.runner.dtype, engine.runner.block_size
     layers = cfg.num_layers
@@ -230,13 +231,14 @@ def decode_tile_sweep(engine: LLMEngine, copy_gbps: float) -> list[dict]:
         q = torch.randn(batch, cfg.num_heads, cfg.head_dim, device=dev, dtype=dtype)
         out = torch.empty_like(q)
         kv_bytes = 2 * batch * ctx * cfg.num_kv_heads * cfg.head_dim * k_cache.element_size()
-        for split, bn, warps, stages in [(64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 4, 2), (128, 32, 4, 3),
-                                         (256, 64, 4, 2), (256, 32, 4, 3), (256, 64, 8, 2), (512, 64, 4, 2)]:
+        for node, bn, warps, stages, leaf in [(256, 32, 4, 3, False), (256, 32, 4, 3, True), (256, 64, 4, 2, False),
+                                              (256, 64, 4, 2, True), (256, 16, 4, 3, True), (256, 32, 8, 3, False),
+                                              (128, 32, 4, 3, False), (512, 32, 4, 3, False)]:
             tiles = attention.KernelTiles(0, bn, warps, stages)
-            name = f"split {split} n{bn} w{warps} s{stages}"
+            name = f"node {node} n{bn} w{warps} s{stages}{' leaf' if leaf else ''}"
             try:
                 us = _graph_us(lambda: attention.paged_decode(q, k_cache, v_cache, tables, lens, 1024, 0.0625, None,
-                                                              None, split, out, tiles=tiles), layers)
+                                                              None, node, out, tiles=tiles, leaf_mode=leaf), layers)
                 gbps = kv_bytes / (us / 1e6) / 1e9
                 rows.append({"batch": batch, "context": ctx, "config": name, "us": us, "gbps": gbps,
                              "pct_copy": 100 * gbps / copy_gbps})

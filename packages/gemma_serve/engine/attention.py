@@ -17,9 +17,12 @@ Gemma3 masks do: AND(sliding window, OR(causal, same image)). A faster kernel ca
 On CUDA (with Triton) the decodes use `paged_decode` instead: a Triton kernel that reads the K/V
 blocks in place through the block tables, with a grid that depends only on the batch size and the
 longest context the engine allows, so it can be captured in a CUDA graph. Each sequence's keys are
-cut into splits of a fixed length (flash-decoding), each split reduced by its own program, and the
-splits combined in a fixed order: a row's result depends on its own context only, never on the
-batch or on the grid it was launched with.
+cut into leaves (the kernel's keys per step) and nodes of several leaves (flash-decoding). A leaf's
+softmax sums are merged into its node's, and the nodes into the row's result, always in key order
+and with the same merge function. Small batches run one program per leaf (the combine kernel merges
+the leaves into nodes), large ones one per node (the program merges its leaves): the same
+operations either way, so a row's result depends on its own context only, never on the batch or
+on the grid it was launched with.
 
 The prefill chunks of a step use `paged_prefill` on CUDA: one launch for all of them (flash
 attention over the paged cache, variable lengths, tiles of query rows of one sequence each, keys
@@ -65,9 +68,9 @@ class AttentionMetadata:
     # Host copies, so the prefill loop needs no device round trip.
     query_start_host: list[int]
     context_lens_host: list[int]
-    # Keys per split of the Triton decode kernel: fixed per engine (from its max_model_len), so that
-    # results do not depend on the step's longest context.
-    decode_split_len: int = 128
+    # Keys per node of the Triton decode kernel: fixed per engine (from its max_model_len), so that
+    # results do not depend on the step's longest context or batch.
+    decode_node_len: int = 256
     # Per sequence, the [start, end) positions of the image-token runs among its new tokens, whose
     # tokens attend to each other bidirectionally; None when the step has no image tokens. The
     # scheduler puts a whole run in one step, so a run's later tokens are always in this step.
@@ -137,7 +140,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     nd = meta.num_decodes
     if nd and use_decode_kernel(q.device):
         paged_decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd],
-                     meta.max_decode_context_len, scale, window, softcap, meta.decode_split_len, out[:nd])
+                     meta.max_decode_context_len, scale, window, softcap, meta.decode_node_len, out[:nd])
     elif nd:
         out[:nd] = _decode(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.context_lens[:nd],
                            meta.max_decode_context_len, scale, window, softcap)
@@ -237,15 +240,19 @@ def _prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bloc
 
 # --- Triton paged decode ------------------------------------------------------------------------
 
-# At most this many splits per sequence; the split length grows with max_model_len beyond that.
-MAX_DECODE_SPLITS = 16
+# At most this many nodes per sequence; the node length grows with max_model_len beyond that.
+MAX_DECODE_NODES = 16
 # H200, Gemma 3 4B shapes, batch 256 at 512 keys, one layer (step_profile): splits of 64 keys with
 # 64-key steps read K/V at 40% of the copy rate, 128 / 32 / 3 stages at 61%, 256 / 32 / 3 stages at
-# 68%. Longer splits cost a few microseconds a layer at batch 1 (fewer programs), where the weights
-# dominate the step anyway.
-MIN_DECODE_SPLIT_LEN = 256
+# 68% (one program per 256-key node). At batch 1 such long units leave most SMs idle: there each
+# program takes one leaf of DECODE_BLOCK_N keys, and the combine kernel folds the leaves.
+MIN_DECODE_NODE_LEN = 256
 DECODE_BLOCK_N = 32
 DECODE_STAGES = 3
+# Leaf mode (one program per leaf) while the batch leaves SMs idle in node mode: up to this many
+# (sequence, KV head) pairs, and this many bytes of float32 leaf partials.
+LEAF_MODE_MAX_PAIRS = 256
+LEAF_MODE_MAX_BYTES = 64 << 20
 # bf16/fp16 caches: tensor-core dots in the decode kernel (else float32 products on the CUDA cores).
 # Measured on an H100 (Gemma 3 4B shapes): 7.9 vs 12.4 us a layer at batch 1, equal at batch 256.
 DECODE_TENSOR_CORES = os.environ.get("GEMMA_DECODE_TENSOR_CORES", "1") == "1"
@@ -259,17 +266,24 @@ def use_decode_kernel(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
 
 
-def decode_split_len(max_model_len: int) -> int:
-    """Keys per split: a power of two >= MIN_DECODE_SPLIT_LEN such that max_model_len needs at most
-    MAX_DECODE_SPLITS splits."""
-    need = -(-max_model_len // MAX_DECODE_SPLITS)
-    return max(MIN_DECODE_SPLIT_LEN, 1 << max(0, need - 1).bit_length())
+def decode_node_len(max_model_len: int) -> int:
+    """Keys per node: a power of two >= MIN_DECODE_NODE_LEN such that max_model_len needs at most
+    MAX_DECODE_NODES nodes."""
+    need = -(-max_model_len // MAX_DECODE_NODES)
+    return max(MIN_DECODE_NODE_LEN, 1 << max(0, need - 1).bit_length())
 
 
-def _decode_block_n(group_pad: int, head_dim: int, split_len: int) -> int:
+def _decode_block_n(group_pad: int, head_dim: int, node_len: int) -> int:
     """Keys per inner iteration: the [group, keys, head_dim] float32 products stay in registers."""
     n = 8192 // (group_pad * head_dim)
-    return max(16, min(64, split_len, 1 << (n.bit_length() - 1) if n > 0 else 16))
+    return max(16, min(64, node_len, 1 << (n.bit_length() - 1) if n > 0 else 16))
+
+
+def use_leaf_mode(batch: int, heads: int, kv_heads: int, head_dim: int, max_leaves: int, leaves_per_node: int) -> bool:
+    """One program per leaf (the combine folds leaves into nodes) rather than one per node: for
+    batches too small to fill the GPU with nodes. Either gives the same bits, so this is speed only."""
+    partial_bytes = batch * heads * max_leaves * (head_dim + 2) * 4
+    return leaves_per_node > 1 and batch * kv_heads <= LEAF_MODE_MAX_PAIRS and partial_bytes <= LEAF_MODE_MAX_BYTES
 
 
 if triton is not None:
@@ -278,73 +292,95 @@ if triton is not None:
     def _tanh(x):
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
+    @triton.jit
+    def _merge_softmax(m_a, l_a, acc_a, m_b, l_b, acc_b):
+        """Two partial softmax sums (max, sum of exps, weighted values) of disjoint key sets -> theirs
+        together. The one function that merges, in the decode kernel (leaves into a node) and in the
+        combine kernel (leaves into nodes, nodes into the row): explicit FMAs, so both compile to the
+        same operations and a row's result does not depend on which kernel merged what. `a` may be
+        empty (max -inf, sums 0); `b` never is."""
+        m = tl.maximum(m_a, m_b)
+        wa = tl.exp(m_a - m)
+        wb = tl.exp(m_b - m)
+        l = tl.fma(l_b, wb, l_a * wa)
+        acc = tl.fma(acc_b, wb[:, None], acc_a * wa[:, None])
+        return m, l, acc
+
     # Arguments that change from step to step are not specialised on their values (Triton compiles a
     # variant for ints equal to 1 or divisible by 16): otherwise a new variant could be compiled, for
     # half a second, in the middle of serving.
-    @triton.jit(do_not_specialize=["num_splits"])
-    def _paged_decode_kernel(Q, K, V, BT, CTX, O, PACC, PM, PL,
-                             stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
-                             scale, softcap, window, split_len, num_splits,
+    @triton.jit(do_not_specialize=["max_units", "unit_len"])
+    def _paged_decode_kernel(Q, K, V, BT, CTX, PACC, PM, PL,
+                             stride_qb, stride_qh, stride_bt,
+                             scale, softcap, window, max_units, unit_len,
                              NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                              G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                              BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
                              HAS_SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr):
+        """Partial softmax sums of one unit of a row's keys for one KV head's query group. A unit is
+        a leaf (BLOCK_N keys) or a node (unit_len keys: its leaves merged in order). Leaves start at
+        the row's first visible key, so a leaf's keys, and its sums, never depend on the grid. The
+        unit length is a runtime value: both modes run one compiled kernel, so a leaf's sums come
+        from the same instructions in either (a compile-time branch could lay them out differently)."""
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
-        split = tl.program_id(2)
+        unit = tl.program_id(2)
         ctx = tl.load(CTX + seq).to(tl.int32)
         if HAS_WINDOW:
             first = tl.maximum(ctx - window, 0)
         else:
             first = ctx * 0
-        lo = first + split * split_len
-        hi = tl.minimum(lo + split_len, ctx)
+        lo = first + unit * unit_len
+        hi = tl.minimum(lo + unit_len, ctx)
         g = tl.arange(0, G_PAD)
         d = tl.arange(0, HEAD_DIM)
         gmask = g < GROUP
         heads = kvh * GROUP + g
-        q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None],
-                    other=0.0)
-        if not USE_DOT:
-            q = q.to(tl.float32)
-        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            nmask = n < hi
-            blk = tl.load(BT + seq * stride_bt + n // PAGE, mask=nmask, other=0).to(tl.int64)
-            slot = blk * PAGE + n % PAGE
-            offs = slot[:, None] * (KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
-            k = tl.load(K + offs, mask=nmask[:, None], other=0.0)  # [N, D]
-            v = tl.load(V + offs, mask=nmask[:, None], other=0.0)  # issued with K: both loads in flight
-            if USE_DOT:  # tensor cores, 16-bit operands (the group padded to 16 rows), float32 sums
-                s = tl.dot(q, tl.trans(k)) * scale  # [G, N]
-            else:  # float32 products and sums, as the PyTorch path
-                s = tl.sum(q[:, None, :] * k[None, :, :].to(tl.float32), axis=2) * scale
-            if HAS_SOFTCAP:
-                s = _tanh(s / softcap) * softcap
-            s = tl.where(nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if USE_DOT:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            else:
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
-            m_i = m_new
-        # Always partial results, merged by the combine kernel (also for a single split): the code
-        # that computes a split never depends on the grid, so neither does any result.
-        part = (seq * NUM_HEADS + heads) * num_splits + split  # [G]
-        tl.store(PACC + part[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None])
-        tl.store(PM + part, m_i, mask=gmask)
-        tl.store(PL + part, l_i, mask=gmask)
+        if lo < hi:
+            q = tl.load(Q + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None],
+                        other=0.0)
+            if not USE_DOT:
+                q = q.to(tl.float32)
+            m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+            l_i = tl.zeros([G_PAD], tl.float32)
+            acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
+            for start in range(lo, hi, BLOCK_N):
+                n = start + tl.arange(0, BLOCK_N)
+                nmask = n < hi
+                blk = tl.load(BT + seq * stride_bt + n // PAGE, mask=nmask, other=0).to(tl.int64)
+                slot = blk * PAGE + n % PAGE
+                offs = slot[:, None] * (KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
+                k = tl.load(K + offs, mask=nmask[:, None], other=0.0)  # [N, D]
+                v = tl.load(V + offs, mask=nmask[:, None], other=0.0)  # issued with K: both loads in flight
+                if USE_DOT:  # tensor cores, 16-bit operands (the group padded to 16 rows), float32 sums
+                    s = tl.dot(q, tl.trans(k)) * scale  # [G, N]
+                else:  # float32 products and sums, as the PyTorch path
+                    s = tl.sum(q[:, None, :] * k[None, :, :].to(tl.float32), axis=2) * scale
+                if HAS_SOFTCAP:
+                    s = _tanh(s / softcap) * softcap
+                s = tl.where(nmask[None, :], s, float("-inf"))
+                # The leaf on its own (its max, its sums), then merged into the unit's.
+                m_leaf = tl.max(s, axis=1)
+                p = tl.exp(s - m_leaf[:, None])
+                l_leaf = tl.sum(p, axis=1)
+                if USE_DOT:
+                    pv = tl.dot(p.to(v.dtype), v)
+                else:
+                    pv = tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+                # Into an empty unit (leaf mode) this is exact: the leaf's own sums.
+                m_i, l_i, acc = _merge_softmax(m_i, l_i, acc, m_leaf, l_leaf, pv)
+            part = (seq * NUM_HEADS + heads) * max_units + unit  # [G]
+            tl.store(PACC + part[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None])
+            tl.store(PM + part, m_i, mask=gmask)
+            tl.store(PL + part, l_i, mask=gmask)
 
-    @triton.jit(do_not_specialize=["num_splits"])
-    def _decode_combine_kernel(PACC, PM, PL, CTX, O, stride_ob, stride_oh, window, split_len, num_splits,
-                               NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr):
-        """Merge a row's splits in order 0, 1, ...: only the splits its context reaches are read."""
+    @triton.jit(do_not_specialize=["max_units"])
+    def _decode_combine_kernel(PACC, PM, PL, CTX, O, stride_ob, stride_oh, window, max_units,
+                               NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                               LEAF_LEN: tl.constexpr, NODE_LEN: tl.constexpr, LEAF_UNITS: tl.constexpr,
+                               LEAF_CHUNK: tl.constexpr):
+        """A row's units merged in order. Leaf units (LEAF_UNITS) are first merged into nodes, as the
+        decode kernel merges them itself for node units; then the nodes into the row's result."""
         seq = tl.program_id(0)
         head = tl.program_id(1)
         ctx = tl.load(CTX + seq).to(tl.int32)
@@ -352,70 +388,101 @@ if triton is not None:
             first = tl.maximum(ctx - window, 0)
         else:
             first = ctx * 0
-        active = tl.cdiv(ctx - first, split_len)
-        base = (seq * NUM_HEADS + head) * num_splits
+        keys = ctx - first
+        base = (seq * NUM_HEADS + head) * max_units
         d = tl.arange(0, HEAD_DIM)
-        m_max = tl.load(PM + base)
-        for s in range(1, active):
-            m_max = tl.maximum(m_max, tl.load(PM + base + s))
-        acc = tl.zeros([HEAD_DIM], tl.float32)
-        l_sum = tl.zeros([1], tl.float32)
-        for s in range(0, active):
-            m_s = tl.load(PM + base + s)
-            w = tl.where(m_s == m_max, 1.0, tl.exp(m_s - m_max))  # exactly 1 for the largest
-            l_sum += w * tl.load(PL + base + s)
-            acc += w * tl.load(PACC + (base + s) * HEAD_DIM + d)
-        out = acc / l_sum
-        tl.store(O + seq * stride_ob + head * stride_oh + d, out.to(O.dtype.element_ty))
+        m_row = tl.full([1], float("-inf"), tl.float32)
+        l_row = tl.zeros([1], tl.float32)
+        acc_row = tl.zeros([1, HEAD_DIM], tl.float32)
+        num_leaves = tl.cdiv(keys, LEAF_LEN)
+        c = tl.arange(0, LEAF_CHUNK)
+        for node in range(0, tl.cdiv(keys, NODE_LEN)):
+            if LEAF_UNITS:
+                m_n = tl.full([1], float("-inf"), tl.float32)
+                l_n = tl.zeros([1], tl.float32)
+                acc_n = tl.zeros([1, HEAD_DIM], tl.float32)
+                # The node's leaves, LEAF_CHUNK per load (one memory round trip, not one per leaf);
+                # each leaf taken out of the tile exactly (a max or sum against -inf / 0) and merged
+                # in order, as the decode kernel merges them.
+                for chunk in range(node * (NODE_LEN // LEAF_LEN), tl.minimum((node + 1) * (NODE_LEN // LEAF_LEN),
+                                                                            num_leaves), LEAF_CHUNK):
+                    live = chunk + c < num_leaves
+                    t_m = tl.load(PM + base + chunk + c, mask=live, other=float("-inf"))
+                    t_l = tl.load(PL + base + chunk + c, mask=live, other=0.0)
+                    t_acc = tl.load(PACC + (base + chunk + c)[:, None] * HEAD_DIM + d[None, :], mask=live[:, None],
+                                    other=0.0)
+                    for j in tl.static_range(LEAF_CHUNK):
+                        if chunk + j < num_leaves:
+                            pick = c == j
+                            m_n, l_n, acc_n = _merge_softmax(
+                                m_n, l_n, acc_n, tl.max(tl.where(pick, t_m, float("-inf")), axis=0)[None],
+                                tl.sum(tl.where(pick, t_l, 0.0), axis=0)[None],
+                                tl.sum(tl.where(pick[:, None], t_acc, 0.0), axis=0)[None, :])
+            else:
+                m_n = tl.load(PM + base + node + tl.zeros([1], tl.int32))
+                l_n = tl.load(PL + base + node + tl.zeros([1], tl.int32))
+                acc_n = tl.load(PACC + (base + node) * HEAD_DIM + d)[None, :]
+            m_row, l_row, acc_row = _merge_softmax(m_row, l_row, acc_row, m_n, l_n, acc_n)
+        out = acc_row / l_row[:, None]
+        tl.store(O + seq * stride_ob + head * stride_oh + d[None, :], out.to(O.dtype.element_ty))
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, max_context_len: int, scale: float, window: int | None,
-                 softcap: float | None, split_len: int, out: torch.Tensor, tensor_cores: bool | None = None,
-                 tiles: KernelTiles | None = None) -> torch.Tensor:
+                 softcap: float | None, node_len: int, out: torch.Tensor, tensor_cores: bool | None = None,
+                 tiles: KernelTiles | None = None, leaf_mode: bool | None = None) -> torch.Tensor:
     """One query per sequence at position context_len - 1, read from the paged cache in place.
     q, out: [B, heads, D] (last dim contiguous); block_tables [B, >= blocks needed]; context_lens [B] >= 1.
     `max_context_len` only sizes the grid (an upper bound of context_lens): CUDA graphs pass the
-    engine's max_model_len. `tensor_cores` (16-bit caches only; default DECODE_TENSOR_CORES): scores
-    and P @ V on tensor cores, P rounded to the cache dtype. `tiles` overrides keys per inner step,
-    warps and stages (benchmarks; block_m is unused). Writes `out` and returns it."""
+    engine's max_model_len. `node_len` (fixed per engine) and the leaf length (the kernel's keys per
+    step) fix the order in which a row's sums are formed; the grid (one program per leaf or per
+    node, `leaf_mode`: default from `use_leaf_mode`) does not change any result.
+    `tensor_cores` (16-bit caches only; default DECODE_TENSOR_CORES): scores and P @ V on tensor
+    cores, P rounded to the cache dtype. `tiles` overrides keys per step, warps and stages
+    (benchmarks; block_m is unused). Writes `out` and returns it."""
     batch, heads, head_dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
     if (head_dim & (head_dim - 1) or q.stride(-1) != 1 or out.stride(-1) != 1 or block_tables.stride(-1) != 1
             or not k_cache.is_contiguous() or not v_cache.is_contiguous()):
         raise ValueError("paged_decode needs a power-of-two head_dim, contiguous caches and contiguous last dims")
-    if split_len & (split_len - 1):
-        raise ValueError("decode split length must be a power of two")
+    if node_len & (node_len - 1):
+        raise ValueError("decode node length must be a power of two")
     span = min(window, max_context_len) if window else max_context_len
-    num_splits = max(1, math.ceil(span / split_len))
     if tensor_cores is None:
         tensor_cores = DECODE_TENSOR_CORES
     use_dot = tensor_cores and k_cache.dtype in (torch.bfloat16, torch.float16) and q.dtype == k_cache.dtype
     group_pad = triton.next_power_of_2(group)
     warps, stages = 4, None
     if use_dot:
-        group_pad, block_n, stages = max(16, group_pad), min(DECODE_BLOCK_N, split_len), DECODE_STAGES
+        group_pad, block_n, stages = max(16, group_pad), min(DECODE_BLOCK_N, node_len), DECODE_STAGES
     else:
-        block_n = _decode_block_n(group_pad, head_dim, split_len)
+        block_n = _decode_block_n(group_pad, head_dim, node_len)
     if tiles is not None:
-        block_n, warps, stages = min(tiles.block_n, split_len), tiles.num_warps, tiles.num_stages
+        block_n, warps, stages = min(tiles.block_n, node_len), tiles.num_warps, tiles.num_stages
     if batch == 0:
         return out
+    max_leaves = max(1, math.ceil(span / block_n))
+    if leaf_mode is None:
+        leaf_mode = use_leaf_mode(batch, heads, kv_heads, head_dim, max_leaves, node_len // block_n)
+    unit_len = block_n if leaf_mode else node_len
+    max_units = max_leaves if leaf_mode else max(1, math.ceil(span / node_len))
     common = dict(NUM_HEADS=heads, HEAD_DIM=head_dim, HAS_WINDOW=window is not None)
-    part_acc = torch.empty(batch, heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    part_m = torch.empty(batch, heads, num_splits, dtype=torch.float32, device=q.device)
+    part_acc = torch.empty(batch, heads, max_units, head_dim, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(batch, heads, max_units, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
-    _paged_decode_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_m, part_l,
-        q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
-        float(scale), float(softcap or 1.0), int(window or 0), split_len, num_splits,
+    _paged_decode_kernel[(batch, kv_heads, max_units)](
+        q, k_cache, v_cache, block_tables, context_lens, part_acc, part_m, part_l,
+        q.stride(0), q.stride(1), block_tables.stride(0),
+        float(scale), float(softcap or 1.0), int(window or 0), max_units, unit_len,
         KV_HEADS=kv_heads, GROUP=group, G_PAD=group_pad, PAGE=page, BLOCK_N=block_n,
         HAS_SOFTCAP=softcap is not None, USE_DOT=use_dot, num_warps=warps,
         **({} if stages is None else {"num_stages": stages}), **common)
     _decode_combine_kernel[(batch, heads)](
-        part_acc, part_m, part_l, context_lens, out, out.stride(0), out.stride(1), int(window or 0), split_len,
-        num_splits, num_warps=1 if head_dim <= 128 else 2, **common)
+        part_acc, part_m, part_l, context_lens, out, out.stride(0), out.stride(1), int(window or 0), max_units,
+        LEAF_LEN=block_n, NODE_LEN=node_len, LEAF_UNITS=unit_len != node_len,
+        LEAF_CHUNK=min(8, node_len // block_n),
+        num_warps=1 if head_dim <= 128 else 2, **common)
     return out
 
 

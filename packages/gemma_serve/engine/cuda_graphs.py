@@ -109,7 +109,7 @@ class DecodeGraphs:
             slot_mapping=self.vectors[2, :batch], block_tables=self.block_tables[:batch],
             context_lens=self.vectors[3, :batch], query_start=self.query_start[:batch + 1], num_decodes=batch,
             max_decode_context_len=max_len, query_start_host=list(range(batch + 1)),
-            context_lens_host=[max_len] * batch, decode_split_len=self.runner.decode_split_len,
+            context_lens_host=[max_len] * batch, decode_node_len=self.runner.decode_node_len,
             window_block_tables=self.window_tables[:batch] if self.window else None,
             window_slot_mapping=self.vectors[4, :batch] if self.window else None)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gemma_serve.engine.attention import AttentionMetadata, decode_kernel_available, decode_split_len
+from gemma_serve.engine.attention import AttentionMetadata, decode_kernel_available, decode_node_len
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.loader import load_vision_weights, load_weights, resolve_checkpoint
 from gemma_serve.engine.model_config import ModelConfig
@@ -206,7 +206,7 @@ class ModelRunner:
         self.kv_layout = plan_kv_cache(cfg, config, self.max_model_len, self.dtype, free)
         self.num_blocks = self.kv_layout.num_blocks
         self.num_window_blocks = self.kv_layout.num_window_blocks
-        self.decode_split_len = decode_split_len(self.max_model_len)
+        self.decode_node_len = decode_node_len(self.max_model_len)
         use_graphs = config.cuda_graphs and self.device.type == "cuda"
         if use_graphs and not decode_kernel_available():
             logger.warning("CUDA graphs need Triton's paged decode kernel, and Triton is not installed: eager steps")
@@ -266,7 +266,7 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=slots, block_tables=tables, context_lens=tensor([1, n]), query_start=tensor([0, 1, 1 + n]),
             num_decodes=1, max_decode_context_len=1, query_start_host=[0, 1, 1 + n], context_lens_host=[1, n],
-            decode_split_len=self.decode_split_len, window_block_tables=window_tables, window_slot_mapping=window_slots)
+            decode_node_len=self.decode_node_len, window_block_tables=window_tables, window_slot_mapping=window_slots)
         self.model(tensor([0] * (1 + n)), tensor([0] + list(range(n))), self.kv_caches, meta, tensor([0, n]))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
@@ -343,7 +343,7 @@ class ModelRunner:
             max_decode_context_len=max(ctx_lens[:num_decodes], default=0),
             query_start_host=starts,
             context_lens_host=ctx_lens,
-            decode_split_len=self.decode_split_len,
+            decode_node_len=self.decode_node_len,
             image_spans_host=image_spans if image_rows else None,
             window_block_tables=dev.get("window_block_tables"),
             window_slot_mapping=dev.get("window_slot_mapping"),

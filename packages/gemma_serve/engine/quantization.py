@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,32 @@ def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     return F.linear(x, dequantize_weight(qweight, scale, x.dtype))
 
 
+class OneTokenLinear(nn.Linear):
+    """A bias-free linear layer with 16-bit weights whose one-token products (decode at batch 1)
+    run on the Triton one-token kernel: on an H200 it streams Gemma 3 4B's projections at 69-92% of
+    the copy rate where cuBLAS reaches 40-87% (`quant_bench --bf16-gemv`, docs/benchmarks.md).
+    Everything else (more tokens, CPU, float32) is `F.linear` as before. GEMMA_ONE_TOKEN_GEMV=0
+    keeps cuBLAS everywhere, for comparison."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (ONE_TOKEN_GEMV and triton is not None and x.is_cuda and x.dtype == self.weight.dtype
+                and x.dtype in (torch.bfloat16, torch.float16) and x.numel() == x.shape[-1]):
+            n, k = self.weight.shape
+            return triton_weight_only_linear(x, self.weight, None, one_token_config(n, k))
+        return F.linear(x, self.weight)
+
+
+ONE_TOKEN_GEMV = os.environ.get("GEMMA_ONE_TOKEN_GEMV", "1") == "1"
+
+
+def one_token_config(n: int, k: int) -> KernelConfig:
+    """Tiles of the one-token kernel on 16-bit weights, from `quant_bench --bf16-gemv` on an H200:
+    4 output rows per program, 1024-wide K steps in 2 stages where 1024 divides K, else 512 in 3."""
+    if k % 1024 == 0:
+        return KernelConfig(1, 4, 1024, 1, 4, 2)
+    return KernelConfig(1, 4, min(512, _pow2_at_least(k, 16)), 1, 4, 3)
+
+
 # -- the model -------------------------------------------------------------------------------------
 
 
@@ -166,8 +193,14 @@ def model_weight_count(model: nn.Module) -> int:
 @torch.no_grad()
 def quantize_model(model: nn.Module, method: str) -> None:
     """Replace the decoder layers' linear layers by `QuantizedLinear`s, one at a time so the extra
-    memory is one matrix in float32; freed float weights go back to the device."""
+    memory is one matrix in float32; freed float weights go back to the device. Without
+    quantization they become `OneTokenLinear`s on the same weights."""
     if method == "none":
+        for parent, name, linear in _layer_linears(model):
+            if type(linear) is nn.Linear and linear.bias is None:
+                one = OneTokenLinear(linear.in_features, linear.out_features, bias=False, device="meta")
+                one.weight = linear.weight
+                setattr(parent, name, one)
         return
     before = model_weight_bytes(model)
     linears = _layer_linears(model)
@@ -280,10 +313,12 @@ if triton is not None:
 
     @triton.jit
     def _weight_only_gemv_kernel(X, W, S, OUT, N, K, stride_wn, stride_split, split_k, BLOCK_N: tl.constexpr,
-                                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WIDEN: tl.constexpr):
+                                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WIDEN: tl.constexpr,
+                                 HAS_SCALE: tl.constexpr = True):
         """One token: OUT[split][n] = scale[n] * sum over this split's K of x[k] * W[n, k], on the FMA
         units (a matrix unit would idle 15 of its 16 rows). Weights go straight from memory to
-        registers; the products accumulate per lane and are summed across K once, at the end."""
+        registers; the products accumulate per lane and are summed across K once, at the end.
+        Without HAS_SCALE the weights are 16-bit floats used as they are."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -312,7 +347,9 @@ if triton is not None:
             acc += wf * x.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-        y = tl.sum(acc, axis=1) * tl.load(S + rows)
+        y = tl.sum(acc, axis=1)
+        if HAS_SCALE:
+            y = y * tl.load(S + rows)
         tl.store(OUT + pid_k * stride_split + offs_n, y.to(OUT.dtype.element_ty), mask=offs_n < N)
 
     @triton.jit(do_not_specialize=["M"])
@@ -390,10 +427,11 @@ if triton is not None:
         tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=mask)
 
 
-def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor | None,
                               config: KernelConfig | None = None) -> torch.Tensor:
     """The Triton path of `weight_only_linear` (x bf16/fp16, qweight int8 or fp8 e4m3 [N, K] with
-    contiguous rows, scale float32 [N]). Static shapes for a given x: CUDA-graph capturable."""
+    contiguous rows, scale float32 [N]). Static shapes for a given x: CUDA-graph capturable.
+    scale None: qweight is a 16-bit float matrix, multiplied as it is (one token only)."""
     k = x.shape[-1]
     n = qweight.shape[0]
     x2 = x.reshape(-1, k)
@@ -405,7 +443,9 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
         return y.reshape(*x.shape[:-1], n)
     cfg = config or kernel_config(m, n, k, _num_sms(x.device.index or 0))
     widen = _WIDEN_CONVERT
-    if x.dtype == torch.bfloat16:
+    if scale is None and (cfg.block_m != 1 or qweight.element_size() != 2):
+        raise ValueError("a weight without scales (16-bit floats) runs on the one-token kernel only")
+    if x.dtype == torch.bfloat16 and scale is not None:
         widen = _WIDEN_INT8 if qweight.dtype == torch.int8 else _WIDEN_FP8
     # Splits cover whole K tiles, so only a ragged last tile needs masks.
     even_k = k % cfg.block_k == 0
@@ -416,8 +456,8 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
             raise ValueError(f"the one-token kernel (block_m 1) got {m} rows")
         _weight_only_gemv_kernel[(grid[0], grid[2])](x2, qweight, scale, out, n, k, qweight.stride(0), m * n,
                                                      cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                                                     EVEN_K=even_k, WIDEN=widen, num_warps=cfg.num_warps,
-                                                     num_stages=cfg.num_stages)
+                                                     EVEN_K=even_k, WIDEN=widen, HAS_SCALE=scale is not None,
+                                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
         _weight_only_matmul_kernel[grid](x2, qweight, scale, out, m, n, k, x2.stride(0), qweight.stride(0), n,
                                          m * n, cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
