@@ -229,10 +229,11 @@ def test_bf16_graph_logits_of_gemma3_4b_shapes_match_float32():
           f"bf16 eager vs fp32: {['%.2e' % e for e in eager_errs]}")
     # Graphs add no error of their own: the graphed steps are as close to float32 as the eager ones.
     assert all(abs(g - e) < 2e-3 for g, e in zip(errs, eager_errs))
-    # bf16 itself is ~2e-2 away on these random weights (H100, 2026-11-22: 2.02e-2..2.09e-2 graphed
-    # and eager alike; the pure-PyTorch path on CPU: 2.2e-2), so 1e-2 is out of reach for any bf16
-    # run of this model; 3e-2 catches a broken kernel (which lands at O(1)).
-    assert max(errs) < 3e-2
+    # bf16 is ~1.3e-2 away on these random weights with the float32 residual stream (H200,
+    # 2026-12-01: 1.22e-2..1.29e-2 graphed and eager alike; 2.04e-2..2.10e-2 with a bf16 residual,
+    # as transformers keeps it). The rest is the 16-bit inputs and outputs of every matmul. 1.6e-2
+    # catches a broken kernel (which lands at O(1)) and the residual falling back to 16 bits.
+    assert max(errs) < 1.6e-2
 
 
 @pytest.mark.parametrize("generation", ["gemma2", "gemma3"])

@@ -40,6 +40,10 @@ class EngineConfig:
     # blocks older than the window, so they hold about `sliding_window` tokens per sequence; False
     # keeps every layer's whole context (one pool). Only used when the window < max_model_len.
     sliding_window_kv: bool = True
+    # 16-bit models: carry the residual stream (the sum every layer adds to) in float32, so the
+    # 34-odd additions are not each rounded to 8 significant bits; the matmuls still get 16-bit
+    # inputs. False: the residual in the model's dtype, as transformers does.
+    float32_residual: bool = True
     # Capture decode steps as CUDA graphs (CUDA only).
     cuda_graphs: bool = True
     # Launch a graphed decode step before reading the previous step's tokens, so the host's work

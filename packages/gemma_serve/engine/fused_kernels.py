@@ -163,16 +163,17 @@ if triton is not None:
 # -- public operations ----------------------------------------------------------------------------
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim of [T, dim] or [T, R, dim] (last dim contiguous for the kernel)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """RMSNorm over the last dim of [T, dim] or [T, R, dim] (last dim contiguous for the kernel), in
+    `out_dtype` (default x's: a float32 residual stream gives 16-bit inputs to the next matmul)."""
     if not use_triton(x) or x.stride(-1) != 1 or x.dim() not in (2, 3):
-        return rms_norm_reference(x, weight, eps)
+        return rms_norm_reference(x, weight, eps).to(out_dtype or x.dtype)
     dim = x.shape[-1]
     if x.dim() == 2:
         t, r, stride_t, stride_r = x.shape[0], 1, x.stride(0), 0
     else:
         t, r, stride_t, stride_r = x.shape[0], x.shape[1], x.stride(0), x.stride(1)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
     if y.numel():
         block = triton.next_power_of_2(dim)
         _rms_norm_kernel[(t * r,)](x, weight, y, r, stride_t, stride_r, float(eps), DIM=dim, BLOCK=block,
@@ -183,13 +184,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, x_weight: torch.Tensor | None,
                  out_weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(h, y): h = residual + rms_norm(x, x_weight) (residual + x when x_weight is None), and
-    y = rms_norm(h, out_weight) (None when out_weight is None). [T, dim] inputs."""
+    y = rms_norm(h, out_weight) (None when out_weight is None). [T, dim] inputs. h has the residual's
+    dtype, y x's: with a float32 residual stream the sum is not rounded to 16 bits, and the next
+    matmul still gets 16-bit inputs."""
     if not use_triton(x) or x.stride(-1) != 1 or residual.stride(-1) != 1 or x.dim() != 2:
-        h = residual + (rms_norm_reference(x, x_weight, eps) if x_weight is not None else x)
-        return h, (rms_norm_reference(h, out_weight, eps) if out_weight is not None else None)
+        normed = rms_norm_reference(x, x_weight, eps) if x_weight is not None else x
+        h = residual + normed.to(residual.dtype)
+        return h, (rms_norm_reference(h, out_weight, eps).to(x.dtype) if out_weight is not None else None)
     t, dim = x.shape
     h = torch.empty_like(residual, memory_format=torch.contiguous_format)
-    y = torch.empty_like(h) if out_weight is not None else None
+    y = torch.empty(h.shape, dtype=x.dtype, device=h.device) if out_weight is not None else None
     if t:
         block = triton.next_power_of_2(dim)
         _add_rms_norm_kernel[(t,)](x, residual, x_weight if x_weight is not None else x,

@@ -185,6 +185,8 @@ class ModelRunner:
             model = GemmaModel(cfg, self.max_model_len)
         self.model = model.to_empty(device=self.device)
         self.model.init_non_weights()
+        if config.float32_residual and self.dtype in (torch.bfloat16, torch.float16):
+            self.model.residual_dtype = torch.float32
         if config.load_format == "random":
             init_random_weights(self.model)
         elif config.load_format == "auto":

@@ -47,6 +47,7 @@ def engine_config(settings: ServingSettings) -> EngineConfig:
         cuda_graphs=settings.cuda_graphs,
         overlap_steps=settings.overlap_steps,
         sliding_window_kv=settings.sliding_window_kv,
+        float32_residual=settings.float32_residual,
     )
 
 

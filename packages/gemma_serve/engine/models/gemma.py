@@ -30,8 +30,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps, out_dtype)
 
 
 class RotaryTable(nn.Module):
@@ -119,6 +119,9 @@ class GemmaModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope_global = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, max_positions)
         self.rope_local = RotaryTable(cfg.head_dim, cfg.rope_local_theta, 1.0, max_positions)
+        # The residual stream's dtype; None: the weights' (ModelRunner sets float32 for 16-bit models
+        # unless EngineConfig.float32_residual is off).
+        self.residual_dtype: torch.dtype | None = None
 
     def init_non_weights(self) -> None:
         """Recompute what the checkpoint does not hold (RoPE tables), e.g. after `to_empty`."""
@@ -137,22 +140,25 @@ class GemmaModel(nn.Module):
         # A host float (no tensor made per step), equal to the rounded scale.
         scale = torch.tensor(self.cfg.hidden_size ** 0.5, dtype=weight.dtype).item()
         hidden = self.embed_tokens(input_ids) * scale
+        act_dtype = hidden.dtype
+        if self.residual_dtype is not None:
+            hidden = hidden.to(self.residual_dtype)
         if image_embeds is not None:
             # As Gemma3Model: the text embeddings are scaled, the projected image features replace the
             # placeholders' embeddings as they are (the vision projector's output is not scaled).
             hidden = hidden.index_copy(0, image_rows, image_embeds.to(hidden.dtype))
         # Once per step rather than per layer: [T, 1, D] in the activations' dtype.
-        cos_g, sin_g = (t[:, None, :].to(hidden.dtype) for t in self.rope_global(positions))
-        cos_l, sin_l = (t[:, None, :].to(hidden.dtype) for t in self.rope_local(positions))
+        cos_g, sin_g = (t[:, None, :].to(act_dtype) for t in self.rope_global(positions))
+        cos_l, sin_l = (t[:, None, :].to(act_dtype) for t in self.rope_local(positions))
         # Each layer ends with the next layer's input norm (fused with its residual add); the last
         # one's output is normed below for the sampled rows only.
-        normed = self.layers[0].input_layernorm(hidden)
+        normed = self.layers[0].input_layernorm(hidden, act_dtype)
         last = len(self.layers) - 1
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
             cos, sin = (cos_l, sin_l) if layer.sliding else (cos_g, sin_g)
             next_norm = self.layers[i + 1].input_layernorm if i < last else None
             hidden, normed = layer(hidden, normed, cos, sin, k_cache, v_cache, meta, next_norm)
-        hidden = self.norm(hidden[logits_indices])
+        hidden = self.norm(hidden[logits_indices], act_dtype)
         logits = F.linear(hidden, weight).float()  # tied output embedding
         if self.cfg.final_logit_softcapping is not None:
             cap = self.cfg.final_logit_softcapping
