@@ -1,5 +1,5 @@
-"""CUDA-graph decode steps and the Triton kernels they replay, on a GPU: the paged decode kernel
-against the PyTorch path (the fused layer kernels: test_fused_kernels.py), greedy output with graphs on identical to graphs off and
+"""CUDA-graph decode steps on a GPU (their kernels: test_decode_kernel.py, test_fused_kernels.py):
+greedy output with graphs on identical to graphs off and
 to transformers (float32), batch invariance under graphs, padding rows confined to the scratch
 block, and bf16 logits of the Gemma 3 4B shapes against a float32 run on the same random weights."""
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from gemma_serve.engine import attention
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.llm_engine import LLMEngine
 from gemma_serve.engine.sampling_params import SamplingParams
@@ -52,48 +51,6 @@ def count_replays(engine) -> list[int]:
 
 
 # -- kernels ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype,tensor_cores", [(torch.float32, False), (torch.bfloat16, False),
-                                                (torch.bfloat16, True)])
-@pytest.mark.parametrize("heads,kv_heads,dim,page", [(4, 2, 16, 4), (8, 4, 256, 16), (4, 1, 128, 16), (2, 2, 64, 8)])
-@pytest.mark.parametrize("window,softcap", [(None, None), (37, None), (5, 2.0)])
-def test_paged_decode_kernel_matches_pytorch_path(dtype, tensor_cores, heads, kv_heads, dim, page, window, softcap):
-    gen = torch.Generator(device="cuda").manual_seed(heads * dim + page)
-    num_blocks = 256
-    k_cache = torch.randn(num_blocks, page, kv_heads, dim, device="cuda", generator=gen).to(dtype)
-    v_cache = torch.randn(num_blocks, page, kv_heads, dim, device="cuda", generator=gen).to(dtype)
-    ctx = [1, 2, page, page + 1, 63, 64, 65, 200, 7 * page + 3]
-    perm = torch.randperm(num_blocks, device="cuda", generator=gen).tolist()
-    width = max(-(-c // page) for c in ctx)
-    tables = []
-    for c in ctx:
-        t = [perm.pop() for _ in range(-(-c // page))]
-        tables.append(t + [0] * (width - len(t)))
-    tables = torch.tensor(tables, device="cuda")
-    lens = torch.tensor(ctx, device="cuda")
-    q = torch.randn(len(ctx), heads, dim, device="cuda", generator=gen).to(dtype)
-    scale = dim ** -0.5
-    # Reference: the PyTorch path in float32 on the same (rounded) values.
-    ref = attention._decode(q.float(), k_cache.float(), v_cache.float(), tables, lens, max(ctx), scale, window,
-                            softcap)
-    outs = {}
-    for node_len in (64, 256):
-        for max_len in (max(ctx), 4096):
-            for leaf_mode in (False, True):
-                out = torch.full_like(q, float("nan"))
-                attention.paged_decode(q, k_cache, v_cache, tables, lens, max_len, scale, window, softcap, node_len,
-                                       out, tensor_cores=tensor_cores, leaf_mode=leaf_mode)
-                assert not out.isnan().any()
-                assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 8e-3)
-                outs[node_len, max_len, leaf_mode] = out
-    # Neither the grid (sized by the longest context allowed) nor one program per leaf or per node
-    # changes any result: the node length alone fixes how the sums are formed.
-    for node_len in (64, 256):
-        first = outs[node_len, max(ctx), False]
-        for key, out in outs.items():
-            if key[0] == node_len:
-                assert torch.equal(out, first), key
 
 
 # -- engine ----------------------------------------------------------------------------------------

@@ -1,11 +1,21 @@
 """The fused per-layer kernels of `engine/fused_kernels.py` against the PyTorch computations they
-replace, in float32 and bf16, on the layouts the model passes (strided views of one projection)."""
+replace, in float32 and bf16, on the layouts the model passes (strided views of one projection).
+Without a GPU the float32 cases run in Triton's interpreter."""
 
 import pytest
 import torch
 from gemma_serve.engine import fused_kernels as fk
 
-pytestmark = pytest.mark.gpu
+from tests.gpu.kernel_device import DEVICE, ON_GPU, generator, needs_gpu
+
+pytestmark = [pytest.mark.gpu, pytest.mark.interpretable]
+
+
+@pytest.fixture(autouse=True)
+def kernels_on_this_device(monkeypatch):
+    """On CPU, route the fused ops to their (interpreted) kernels, as CUDA tensors are."""
+    if not ON_GPU:
+        monkeypatch.setattr(fk, "use_triton", lambda t: True)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -25,12 +35,13 @@ TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 
 @pytest.fixture(params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def dtype(request):
+    needs_gpu(request.param)
     return request.param
 
 
 def randn(*shape, dtype, scale=1.0, seed=0):
-    gen = torch.Generator(device="cuda").manual_seed(seed + sum(shape))
-    return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(dtype)
+    gen = generator(seed + sum(shape))
+    return (torch.randn(*shape, device=DEVICE, generator=gen) * scale).to(dtype)
 
 
 def test_rms_norm(dtype, monkeypatch):
@@ -55,6 +66,18 @@ def test_add_rms_norm(dtype, norm_x, norm_out, monkeypatch):
         assert rel_err(y, y_ref) < TOL[dtype]
 
 
+def test_add_rms_norm_float32_residual(monkeypatch):
+    """A float32 residual stream with bf16 activations: h stays float32, y comes out in bf16."""
+    needs_gpu(torch.bfloat16)
+    r, x = randn(9, 2560, dtype=torch.float32, seed=1), randn(9, 2560, dtype=torch.bfloat16, seed=2)
+    wx, wo = randn(2560, dtype=torch.float32, scale=0.3, seed=3), randn(2560, dtype=torch.float32, scale=0.3, seed=4)
+    h, y = fk.add_rms_norm(r, x, wx, wo, 1e-6)
+    h_ref, y_ref = reference(monkeypatch, lambda: fk.add_rms_norm(r, x, wx, wo, 1e-6))
+    assert h.dtype == torch.float32 and y.dtype == torch.bfloat16
+    assert rel_err(h, h_ref) < 1e-6
+    assert rel_err(y, y_ref) < 1e-2
+
+
 def test_gelu_mul(dtype, monkeypatch):
     gate_up = randn(11, 2 * 10240, dtype=dtype, scale=2.0)
     got = fk.gelu_mul(gate_up)
@@ -70,14 +93,14 @@ def test_qkv_to_cache(dtype, qk_norm, monkeypatch):
     qkv = randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype)
     qw = randn(dim, dtype=torch.float32, scale=0.3, seed=5) if qk_norm else None
     kw = randn(dim, dtype=torch.float32, scale=0.3, seed=6) if qk_norm else None
-    positions = torch.tensor([0, 3, 17, 40, 63, 5], device="cuda")
-    angles = positions[:, None].float() * torch.linspace(0.01, 1.0, dim // 2, device="cuda")[None, :]
+    positions = torch.tensor([0, 3, 17, 40, 63, 5], device=DEVICE)
+    angles = positions[:, None].float() * torch.linspace(0.01, 1.0, dim // 2, device=DEVICE)[None, :]
     emb = torch.cat([angles, angles], dim=-1)
     cos, sin = emb.cos()[:, None, :].to(dtype), emb.sin()[:, None, :].to(dtype)
-    slots = torch.tensor([5, 17, 18, 100, 3, 64], device="cuda")
+    slots = torch.tensor([5, 17, 18, 100, 3, 64], device=DEVICE)
 
     def run():
-        k_cache = torch.zeros(8, page, kv_heads, dim, device="cuda", dtype=dtype)
+        k_cache = torch.zeros(8, page, kv_heads, dim, device=DEVICE, dtype=dtype)
         v_cache = torch.zeros_like(k_cache)
         q = fk.qkv_to_cache(qkv, heads, kv_heads, dim, qw, kw, 1e-6, cos, sin, k_cache, v_cache, slots)
         return q, k_cache, v_cache
@@ -87,6 +110,6 @@ def test_qkv_to_cache(dtype, qk_norm, monkeypatch):
     assert rel_err(q, q_ref) < TOL[dtype]
     assert rel_err(k_cache, k_ref) < TOL[dtype]
     assert torch.equal(v_cache, v_ref)  # a copy
-    untouched = torch.ones(8 * page, dtype=torch.bool, device="cuda")
+    untouched = torch.ones(8 * page, dtype=torch.bool, device=DEVICE)
     untouched[slots] = False
     assert k_cache.view(-1, kv_heads, dim)[untouched].abs().max() == 0

@@ -190,11 +190,10 @@ def bf16_gemv_sweep(copy_gbps: float, layers: int) -> list[dict]:
         nbytes = weight_bytes(bf16)
         bound_us = nbytes / (copy_gbps * 1e9) * 1e6 / layers
 
-        def triton_step(cfg: quant.KernelConfig):
+        def triton_step(cfg: quant.KernelConfig, weights: list[dict] = bf16, name: str = name, k: int = k):
             def run() -> None:
-                for layer in bf16:
-                    w = layer[name]
-                    quant.triton_weight_only_linear(xs[k], w, None, cfg)
+                for layer in weights:
+                    quant.triton_weight_only_linear(xs[k], layer[name], None, cfg)
             return run
 
         timed = {}
