@@ -293,6 +293,20 @@ if triton is not None:
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
     @triton.jit
+    def _paged_kv_block(K, V, BT, seq, stride_bt, kvh, start, hi, d, PAGE: tl.constexpr, KV_HEADS: tl.constexpr,
+                        HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Keys start..start+BLOCK_N of sequence `seq` for KV head `kvh`, read in place through its
+        block table: (positions [N], which of them are < hi [N], K [N, D], V [N, D]); the masked
+        rows are 0. Both kernels read the cache here, so only this function knows its layout."""
+        n = start + tl.arange(0, BLOCK_N)
+        nmask = n < hi
+        blk = tl.load(BT + seq * stride_bt + n // PAGE, mask=nmask, other=0).to(tl.int64)
+        offs = (blk * PAGE + n % PAGE)[:, None] * (KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
+        k = tl.load(K + offs, mask=nmask[:, None], other=0.0)
+        v = tl.load(V + offs, mask=nmask[:, None], other=0.0)  # issued with K: both loads in flight
+        return n, nmask, k, v
+
+    @triton.jit
     def _merge_softmax(m_a, l_a, acc_a, m_b, l_b, acc_b):
         """Two partial softmax sums (max, sum of exps, weighted values) of disjoint key sets -> theirs
         together. The one function that merges, in the decode kernel (leaves into a node) and in the
@@ -345,13 +359,8 @@ if triton is not None:
             l_i = tl.zeros([G_PAD], tl.float32)
             acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
             for start in range(lo, hi, BLOCK_N):
-                n = start + tl.arange(0, BLOCK_N)
-                nmask = n < hi
-                blk = tl.load(BT + seq * stride_bt + n // PAGE, mask=nmask, other=0).to(tl.int64)
-                slot = blk * PAGE + n % PAGE
-                offs = slot[:, None] * (KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
-                k = tl.load(K + offs, mask=nmask[:, None], other=0.0)  # [N, D]
-                v = tl.load(V + offs, mask=nmask[:, None], other=0.0)  # issued with K: both loads in flight
+                n, nmask, k, v = _paged_kv_block(K, V, BT, seq, stride_bt, kvh, start, hi, d, PAGE, KV_HEADS,
+                                                 HEAD_DIM, BLOCK_N)  # k, v: [N, D]
                 if USE_DOT:  # tensor cores, 16-bit operands (the group padded to 16 rows), float32 sums
                     s = tl.dot(q, tl.trans(k)) * scale  # [G, N]
                 else:  # float32 products and sums, as the PyTorch path
@@ -568,12 +577,8 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for start in range(lo, hi, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            nmask = n < hi
-            blk = tl.load(BT + seq * stride_bt + n // PAGE, mask=nmask, other=0).to(tl.int64)
-            offs = (blk * PAGE + n % PAGE)[:, None] * (KV_HEADS * HEAD_DIM) + kvh * HEAD_DIM + d[None, :]
-            k = tl.load(K + offs, mask=nmask[:, None], other=0.0)
-            v = tl.load(V + offs, mask=nmask[:, None], other=0.0)
+            n, nmask, k, v = _paged_kv_block(K, V, BT, seq, stride_bt, kvh, start, hi, d, PAGE, KV_HEADS, HEAD_DIM,
+                                             BLOCK_N)
             if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
