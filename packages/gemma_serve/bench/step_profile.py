@@ -6,6 +6,7 @@ time goes" notes, measured rather than guessed.
 On the engine_bench configuration (random bf16 weights, max_model_len 1024, 256 sequences, 8192
 tokens a step) it measures:
   - a prefill step of 16 x 512 fresh prompts, with the Triton prefill kernel and with the PyTorch path;
+  - the step that gives one fresh 128-token prompt its first token (W1's TTFT), wall and GPU time;
   - decode steps at batch 1 and 256, back to back: the wall time per step against the GPU's busy
     time per step, i.e. what the host adds;
   - the prefill kernel's tile sizes on one layer's shapes, against torch SDPA (flash) on dense tensors;
@@ -94,6 +95,28 @@ def prefill_step_ms(probe: StepProbe, kernel: bool, repeats: int = 3) -> float:
     finally:
         attention.PREFILL_KERNEL = previous
     return statistics.median(times[1:])
+
+
+def first_token_step(probe: StepProbe, prompt_len: int = 128, repeats: int = 5) -> dict:
+    """The step that gives a fresh prompt its first token (W1's TTFT): its wall time (median) and
+    the GPU's busy time in it (torch.profiler over one more such step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = probe.engine
+    times = []
+    for _ in range(repeats + 1):
+        probe.add(1, prompt_len, 4)
+        times.append(_ms(engine.step, 1))
+        probe.clear()
+    probe.add(1, prompt_len, 4)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    probe.clear()
+    wall = statistics.median(times[1:])
+    gpu = _kernel_ms(prof)
+    return {"prompt_len": prompt_len, "step_wall_ms": wall, "gpu_busy_ms": gpu, "host_ms": wall - gpu}
 
 
 def _kernel_ms(prof) -> float:
@@ -296,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     report["prefill_step_ms"] = {"kernel": prefill_step_ms(probe, True), "pytorch": prefill_step_ms(probe, False)}
     print(f"prefill step 16 x 512: kernel {report['prefill_step_ms']['kernel']:.1f} ms, "
           f"PyTorch path {report['prefill_step_ms']['pytorch']:.1f} ms", flush=True)
+    report["first_token"] = first_token_step(probe)
+    ft = report["first_token"]
+    print(f"first token of a {ft['prompt_len']}-token prompt: step {ft['step_wall_ms']:.2f} ms, GPU busy "
+          f"{ft['gpu_busy_ms']:.2f} ms, host adds {ft['host_ms']:.2f} ms", flush=True)
     report["decode"] = [decode_steps(probe, 1, 128, 64), decode_steps(probe, 256, 512, 24)]
     for d in report["decode"]:
         print(f"decode batch {d['batch']:3d} ctx ~{d['context']}: step {d['step_wall_ms']:.2f} ms, GPU busy "
