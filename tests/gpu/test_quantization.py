@@ -120,6 +120,31 @@ def test_one_token_linear_matches_float64_reference_and_cublas(dtype, n, k):
     assert torch.equal(one(x3), torch.nn.functional.linear(x3, linear.weight))
 
 
+@pytest.mark.interpretable
+@pytest.mark.parametrize("widen", ["float-add", "subnormal", "subnormal-ptx"])
+@pytest.mark.parametrize("n,k", [(2560, 10240), (4096, 2560)] if ON_GPU else [(100, 72), (48, 2048)])
+def test_int8_one_token_widenings_match_float64_reference(widen, n, k):
+    """Every way the one-token kernel widens INT8 weights gives the exact product up to float32
+    accumulation: the subnormal ones (weights as (q + 128) * 2^-149, activations scaled by 2^100,
+    128 * sum(x) removed at the end) included, also for activations near the ends of their range."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    if widen == "subnormal-ptx":
+        needs_gpu(torch.bfloat16)  # inline PTX
+    gen = generator(n + k)
+    w = torch.randn(n, k, device=DEVICE, generator=gen) * 0.02
+    q, scale = quant.quantize_weight(w, "int8")
+    code = {"float-add": quant._WIDEN_INT8, "subnormal": quant._WIDEN_INT8_SUBNORMAL,
+            "subnormal-ptx": quant._WIDEN_INT8_SUBNORMAL_PTX}[widen]
+    for magnitude in (1.0, 1e4, 1e-6):
+        x = (torch.randn(1, k, device=DEVICE, generator=gen) * magnitude).to(dtype)
+        ref = reference(x, q, scale)
+        for cfg in (quant.KernelConfig(1, 4, 1024, 1, 4, 2), quant.KernelConfig(1, 8, 128, 3, 4, 2)):
+            out = quant.triton_weight_only_linear(x, q, scale, cfg, int8_gemv_widen=code).double()
+            err = rel_err(out, ref)
+            # bf16 output rounding (~2^-9); float32 outputs leave the accumulation's ~1e-6.
+            assert err < (4e-3 if dtype == torch.bfloat16 else 1e-5), f"{widen} x~{magnitude} {cfg}: {err:.2e}"
+
+
 @pytest.mark.parametrize("method", methods())
 def test_quantized_linear_replays_in_a_cuda_graph(method):
     linear = nn.Linear(2560, 2560, bias=False, device="cuda", dtype=torch.bfloat16)

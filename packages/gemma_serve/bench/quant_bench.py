@@ -228,6 +228,57 @@ def bf16_gemv_sweep(copy_gbps: float, layers: int) -> list[dict]:
     return rows
 
 
+INT8_WIDENINGS = {"float-add": quant._WIDEN_INT8, "subnormal": quant._WIDEN_INT8_SUBNORMAL,
+                  "subnormal-ptx": quant._WIDEN_INT8_SUBNORMAL_PTX}
+
+
+def int8_gemv_sweep(copy_gbps: float, layers: int) -> list[dict]:
+    """One token, INT8 weights: the one-token kernel's ways of widening the weights (float add
+    after bit operations, or subnormals) per projection and tile shape, with each one's error
+    against the dequantized matrix in float32."""
+    xs = inputs(1)
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        int8 = make_weights("int8", {name: (n, k)}, layers)
+        bound_us = weight_bytes(int8) / (copy_gbps * 1e9) * 1e6 / layers
+        q, s = int8[0][name]
+        ref = F.linear(xs[k].float(), quant.dequantize_weight(q, s, torch.float32))
+        for label, widen in INT8_WIDENINGS.items():
+            def step(cfg: quant.KernelConfig, name: str = name, k: int = k, widen: int = widen):
+                def run() -> None:
+                    for layer in int8:
+                        quant.triton_weight_only_linear(xs[k], *layer[name], cfg, int8_gemv_widen=widen)
+                return run
+
+            timed: dict[str, float] = {}
+            for block_n, block_k, warps, stages in [(4, 1024, 4, 2), (8, 512, 4, 2), (8, 1024, 4, 2), (8, 1024, 8, 2),
+                                                    (16, 512, 8, 2), (4, 512, 4, 3)]:
+                for target in (0, 2):
+                    cfg = resolve_split(quant.KernelConfig(1, block_n, block_k, -target, warps, stages), 1, n, k)
+                    if cfg is None or str(cfg) in timed:
+                        continue
+                    try:
+                        timed[str(cfg)] = graph_ms(step(cfg)) * 1e3 / layers
+                    except Exception as exc:
+                        timed[str(cfg)] = float("inf")
+                        print(f"  {label} {cfg}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            best = min(timed, key=timed.get)
+            try:
+                got = quant.triton_weight_only_linear(xs[k], q, s, quant.KernelConfig(1, 8, 512, 1, 4, 2),
+                                                      int8_gemv_widen=widen).float()
+                err = ((got - ref).norm() / ref.norm()).item()
+            except Exception as exc:
+                err = float("nan")
+                print(f"  {label}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            rows.append(dict(shape=name, n=n, k=k, widening=label, bound_us=bound_us, best=best,
+                             best_us=timed[best], rel_err=err, top3=sorted(timed.items(), key=lambda kv: kv[1])[:3]))
+            print(f"int8 one token {name:8s} {label:14s} bound {bound_us:6.1f} us  best {timed[best]:6.1f} us "
+                  f"({100 * bound_us / timed[best]:4.1f}%) {best}  rel err {err:.1e}", flush=True)
+        del int8
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", default="1,16,64,256", help="rows (decode batch sizes) to time")
@@ -236,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep-batch", default="1,16,256", help="rows to sweep tile shapes at")
     parser.add_argument("--bf16-gemv", action="store_true",
                         help="only: one token on bf16 weights, cuBLAS against the Triton one-token kernel")
+    parser.add_argument("--int8-gemv", action="store_true",
+                        help="only: one token on INT8 weights, the one-token kernel's widenings and tile shapes")
     parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -250,8 +303,11 @@ def main(argv: list[str] | None = None) -> int:
                     "layers": args.layers, "stack": []}
     print(f"device {report['device']}: copy {copy:.0f} GB/s (read+write); {args.layers} layers x "
           f"{', '.join(f'{k} {n}x{kk}' for k, (n, kk) in SHAPES.items())}", flush=True)
-    if args.bf16_gemv:
-        report["bf16_gemv"] = bf16_gemv_sweep(copy, args.layers)
+    if args.bf16_gemv or args.int8_gemv:
+        if args.bf16_gemv:
+            report["bf16_gemv"] = bf16_gemv_sweep(copy, args.layers)
+        if args.int8_gemv:
+            report["int8_gemv"] = int8_gemv_sweep(copy, args.layers)
         if args.out:
             args.out.write_text(json.dumps(report, indent=2))
         return 0

@@ -281,8 +281,10 @@ def _num_sms(device_index: int) -> int:
 
 
 # How the kernel widens weights: the framework's conversion (to fp16 activations), or integer and
-# float adds into bf16 for INT8 and for FP8 (see `_widen_exact`).
-_WIDEN_CONVERT, _WIDEN_INT8, _WIDEN_FP8 = 0, 1, 2
+# float adds into bf16 for INT8 and for FP8 (see `_widen_exact`). The one-token kernel has two more
+# ways for INT8 that skip the float add: the weight's bits as a float32 subnormal, from Triton's
+# byte operations or from four byte permutes per 32-bit word of PTX (see `_int8_as_subnormal`).
+_WIDEN_CONVERT, _WIDEN_INT8, _WIDEN_FP8, _WIDEN_INT8_SUBNORMAL, _WIDEN_INT8_SUBNORMAL_PTX = 0, 1, 2, 3, 4
 
 if triton is not None:
     _FP8_REBIAS = tl.constexpr(2.0 ** 120)  # float32 exponent bias 127 against e4m3's 7
@@ -311,6 +313,31 @@ if triton is not None:
             f = (((u & 0x80) << 24) | ((u & 0x7F) << 20)).to(tl.float32, bitcast=True) * _FP8_REBIAS
         return f
 
+    # The subnormal widening multiplies activations by 2^100 and the sum by 2^49: (q + 128) * 2^-149
+    # times x * 2^100 is (q + 128) * x * 2^-49, a normal float for |x| between 2^-77 and 2^27.
+    _X_UP = tl.constexpr(2.0 ** 100)
+    _SUM_DOWN = tl.constexpr(2.0 ** 49)
+
+    @triton.jit
+    def _int8_as_subnormal(w, PTX: tl.constexpr):
+        """INT8 weights q -> the float32 whose bits are q + 128: the subnormal (q + 128) * 2^-149,
+        exact, with one integer operation per weight and no float add (the fused multiply-add that
+        follows takes subnormal inputs at full rate). The caller removes 128 * sum(x) once per row."""
+        if PTX:
+            # One xor flips the four sign bits of a 32-bit word; each byte permute then moves one
+            # byte into the low byte of a zeroed word.
+            return tl.inline_asm_elementwise(
+                asm="""{
+                .reg .b32 t;
+                xor.b32 t, $4, 0x80808080;
+                prmt.b32 $0, t, 0, 0x4440;
+                prmt.b32 $1, t, 0, 0x4441;
+                prmt.b32 $2, t, 0, 0x4442;
+                prmt.b32 $3, t, 0, 0x4443;
+                }""",
+                constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
+        return (w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint32).to(tl.float32, bitcast=True)
+
     @triton.jit
     def _weight_only_gemv_kernel(X, W, S, OUT, N, K, stride_wn, stride_split, split_k, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WIDEN: tl.constexpr,
@@ -331,6 +358,7 @@ if triton is not None:
         w_ptrs = W + rows[:, None] * stride_wn + (first * BLOCK_K + offs_k)[None, :]
         x_ptrs = X + first * BLOCK_K + offs_k
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for t in range(first, last):
             if EVEN_K:
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
@@ -341,13 +369,17 @@ if triton is not None:
                             eviction_policy="evict_first")
                 x = tl.load(X + cols, mask=cols < K, other=0.0)
             if WIDEN == 0:
-                wf = w.to(tl.float32)
+                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            elif WIDEN >= 3:
+                acc += _int8_as_subnormal(w, WIDEN == 4) * (x.to(tl.float32) * _X_UP)[None, :]
+                x_sum += x.to(tl.float32)
             else:
-                wf = _widen_to_float32(w, WIDEN)
-            acc += wf * x.to(tl.float32)[None, :]
+                acc += _widen_to_float32(w, WIDEN) * x.to(tl.float32)[None, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         y = tl.sum(acc, axis=1)
+        if WIDEN >= 3:
+            y = y * _SUM_DOWN - 128.0 * tl.sum(x_sum, axis=0)
         if HAS_SCALE:
             y = y * tl.load(S + rows)
         tl.store(OUT + pid_k * stride_split + offs_n, y.to(OUT.dtype.element_ty), mask=offs_n < N)
@@ -428,10 +460,11 @@ if triton is not None:
 
 
 def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor | None,
-                              config: KernelConfig | None = None) -> torch.Tensor:
+                              config: KernelConfig | None = None, int8_gemv_widen: int | None = None) -> torch.Tensor:
     """The Triton path of `weight_only_linear` (x bf16/fp16, qweight int8 or fp8 e4m3 [N, K] with
     contiguous rows, scale float32 [N]). Static shapes for a given x: CUDA-graph capturable.
-    scale None: qweight is a 16-bit float matrix, multiplied as it is (one token only)."""
+    scale None: qweight is a 16-bit float matrix, multiplied as it is (one token only).
+    int8_gemv_widen: how the one-token kernel widens INT8 weights (a `_WIDEN_INT8*`; benchmarks)."""
     k = x.shape[-1]
     n = qweight.shape[0]
     x2 = x.reshape(-1, k)
@@ -451,6 +484,8 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
     even_k = k % cfg.block_k == 0
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
     out = y if cfg.split_k == 1 else torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
+    if cfg.block_m == 1 and qweight.dtype == torch.int8 and int8_gemv_widen is not None:
+        widen = int8_gemv_widen
     if cfg.block_m == 1:
         if m != 1:
             raise ValueError(f"the one-token kernel (block_m 1) got {m} rows")
