@@ -49,6 +49,8 @@ class ServingSettings(BaseModel):
     max_queue_len: int = Field(4096, ge=1)
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True
+    # Also graph steps that prefill one prompt chunk of up to 512 tokens (engine/cuda_graphs.py).
+    prefill_cuda_graphs: bool = True
     # Sliding-window layers hold only their window of K/V (engine/block_manager.py).
     sliding_window_kv: bool = True
     # Launch a graphed decode step before the previous step's tokens are read (engine/llm_engine.py).

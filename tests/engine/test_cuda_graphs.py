@@ -1,13 +1,15 @@
-"""The decode-graph runner's bookkeeping (padding to the batch ladder, static buffers, scratch block,
-stale block-table columns), checked on CPU: the 'graph' replays the same static-shape forward
-eagerly. The real capture and replay are checked on a GPU in tests/gpu/test_cuda_graphs.py. The engines here are
+"""The graph runners' bookkeeping (padding to the batch and prompt-length ladders, static buffers,
+scratch block, stale block-table columns), checked on CPU: the 'graph' replays the same static-shape
+forward eagerly. The real capture and replay are checked on a GPU in tests/gpu/test_cuda_graphs.py. The engines here are
 built with cuda_graphs=False so that, on a GPU too, only the simulated graphs run."""
 
 import random
 
 import pytest
 import torch
-from gemma_serve.engine.cuda_graphs import BATCH_LADDER, DecodeGraphs, graph_batch_sizes
+from gemma_serve.engine import attention
+from gemma_serve.engine.cuda_graphs import (BATCH_LADDER, DecodeGraphs, PrefillGraphs, graph_batch_sizes,
+                                            prefill_graph_lengths)
 from gemma_serve.engine.sampling_params import SamplingParams
 
 from .conftest import engine_for, prompt
@@ -22,10 +24,17 @@ def test_batch_ladder_is_capped_at_max_num_seqs():
     assert graph_batch_sizes(512) == list(BATCH_LADDER)
 
 
+def test_prefill_ladder_is_capped_at_a_step_and_the_context():
+    assert prefill_graph_lengths(4096, 8192) == [16, 32, 64, 128, 256, 512]
+    assert prefill_graph_lengths(100, 8192) == [16, 32, 64]
+    assert prefill_graph_lengths(4096, 200) == [16, 32, 64, 128]
+    assert prefill_graph_lengths(8, 8192) == []
+
+
 class EagerReplay:
     """Stands in for a CUDA graph: recomputes the captured forward into the same output buffer."""
 
-    def __init__(self, graphs: DecodeGraphs, batch: int) -> None:
+    def __init__(self, graphs: DecodeGraphs | PrefillGraphs, batch: int) -> None:
         self.graphs, self.batch = graphs, batch
         self.replays = 0
 
@@ -34,11 +43,16 @@ class EagerReplay:
         self.replays += 1
 
 
+def _add_scratch_blocks(runner) -> None:
+    """One block more per pool, as a runner with CUDA graphs allocates."""
+    runner.kv_caches = [(torch.cat([k, torch.zeros_like(k[:1])]), torch.cat([v, torch.zeros_like(v[:1])]))
+                        for k, v in runner.kv_caches]
+
+
 def simulated_graphs(engine) -> DecodeGraphs:
     """Give the engine's runner decode 'graphs' as CUDA capture would (scratch block included)."""
     runner = engine.runner
-    runner.kv_caches = [(torch.cat([k, torch.zeros_like(k[:1])]), torch.cat([v, torch.zeros_like(v[:1])]))
-                        for k, v in runner.kv_caches]
+    _add_scratch_blocks(runner)
     graphs = DecodeGraphs(runner, scratch_block=runner.num_blocks, window_scratch_block=runner.num_window_blocks)
     graphs._fill_padding()
     vocab = runner.model_config.vocab_size
@@ -132,3 +146,54 @@ def test_host_block_table_rows_follow_regrowth_and_reallocation(checkpoints):
     graphs.run([ScheduledChunk(a, 20, 1)])
     graphs.run([ScheduledChunk(a, 20, 1), ScheduledChunk(b, 19, 1)])
     assert sent(2)[1][:5] == b.block_table
+
+
+def tokens_and_logprobs(engine, p: list[int], params: SamplingParams) -> tuple[list[int], list[float]]:
+    engine.add_request("one", p, params)
+    tokens, logprobs = [], []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+            logprobs += out.new_logprobs
+    return tokens, logprobs
+
+
+def simulated_prefill_graphs(engine) -> PrefillGraphs:
+    """Give the engine's runner prefill 'graphs' (and the scratch blocks) as CUDA capture would."""
+    runner = engine.runner
+    _add_scratch_blocks(runner)
+    graphs = PrefillGraphs(runner, runner.num_blocks, runner.num_window_blocks)
+    graphs._fill_padding()
+    for length in graphs.sizes:
+        graphs.outputs[length] = torch.empty(1, runner.model_config.vocab_size, device=runner.device)
+        graphs.graphs[length] = EagerReplay(graphs, length)
+    runner.prefill_graphs = graphs
+    return graphs
+
+
+@pytest.mark.parametrize("generation", ["gemma2", "gemma3"])
+def test_padded_static_prefill_steps_give_the_same_outputs(checkpoints, generation, monkeypatch):
+    """Prompts prefilled alone through padded static buffers (the prefill kernel in Triton's
+    interpreter, reading the prompt's extent from the device): the same tokens and logprobs as the
+    eager step, for a 2-token prompt, exact and just-over ladder lengths, a prompt whose first
+    blocks come from the prefix cache (the chunk starts mid-prompt) and one chunked across steps."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(attention, "use_prefill_kernel", lambda device: True)
+    folder, _ = checkpoints[generation]
+    eager = engine_for(folder, max_num_batched_tokens=64, cuda_graphs=False)
+    graphed = engine_for(folder, max_num_batched_tokens=64, cuda_graphs=False)
+    graphs = simulated_prefill_graphs(graphed)
+    assert graphs.sizes == [16, 32, 64]
+    shared = prompt(300, 23)
+    prompts = [prompt(301, 2), prompt(302, 16), prompt(303, 17), shared, shared + prompt(304, 6), prompt(305, 90)]
+    params = SamplingParams(max_tokens=5, temperature=0.0, logprobs=True)
+    for i, p in enumerate(prompts):
+        ours, theirs = tokens_and_logprobs(graphed, p, params), tokens_and_logprobs(eager, p, params)
+        assert ours[0] == theirs[0], i
+        assert ours[1] == pytest.approx(theirs[1], abs=1e-5), i
+    # Padded to 16: the 2- and 16-token prompts and the 9 tokens after the prefix cache's five blocks
+    # of 4 (29 would pad to 32); to 32: 17, 23 and the 90-token prompt's second chunk (26); to 64: its
+    # first.
+    assert graphed.block_manager.block_size == 4
+    assert [graphs.graphs[n].replays for n in graphs.sizes] == [3, 3, 1]
+    assert graphed.block_manager.num_free_blocks == graphed.block_manager.num_blocks

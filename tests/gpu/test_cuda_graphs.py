@@ -35,9 +35,9 @@ def cuda_engine(folder, **overrides) -> LLMEngine:
     return LLMEngine(EngineConfig(**config))
 
 
-def count_replays(engine) -> list[int]:
-    """Wrap the engine's graph runner so the test can tell that decode steps were replayed."""
-    graphs = engine.runner.graphs
+def count_replays(engine, which: str = "graphs") -> list[int]:
+    """Wrap the engine's decode (or "prefill_graphs") runner so the test can tell that steps were replayed."""
+    graphs = getattr(engine.runner, which)
     assert graphs is not None, "CUDA graphs were not captured"
     counter = [0]
     run = graphs.run
@@ -83,6 +83,39 @@ def test_greedy_with_graphs_equals_without_and_transformers(checkpoints, generat
 
 
 @pytest.mark.parametrize("generation", ["gemma2", "gemma3"])
+def test_prefill_graphs_match_eager_prefill(checkpoints, generation, caplog):  # noqa: F811
+    """Prompts prefilled alone from captured graphs (padded to 16/32/64): the same tokens as eager
+    prefill steps and logprobs within float32 noise (cuBLAS may pick other kernels for the padded
+    row count), including a chunk after a prefix-cache hit and a prompt chunked across steps."""
+    folder, _ = checkpoints[generation]
+    caplog.set_level(logging.INFO, logger="gemma_serve.engine.cuda_graphs")
+    on = cuda_engine(folder, max_num_batched_tokens=64)
+    assert "captured 3 prefill CUDA graphs" in caplog.text
+    off = cuda_engine(folder, max_num_batched_tokens=64, prefill_cuda_graphs=False)
+    assert off.runner.prefill_graphs is None and off.runner.graphs is not None
+    replays = count_replays(on, "prefill_graphs")
+    shared = prompt(300, 23)
+    prompts = [prompt(301, 2), prompt(302, 16), prompt(303, 17), shared, shared + prompt(304, 6), prompt(305, 90)]
+    params = SamplingParams(max_tokens=12, logprobs=True, **GREEDY)
+    for i, p in enumerate(prompts):
+        ours, theirs = _tokens_and_logprobs(on, p, params), _tokens_and_logprobs(off, p, params)
+        assert ours[0] == theirs[0], i
+        assert ours[1] == pytest.approx(theirs[1], abs=1e-4), i
+    assert replays[0] == 7  # one per prompt, two for the 90-token one (64 + 26)
+    assert on.block_manager.num_free_blocks == on.block_manager.num_blocks
+
+
+def _tokens_and_logprobs(engine, p: list[int], params: SamplingParams) -> tuple[list[int], list[float]]:
+    engine.add_request("one", p, params)
+    tokens, logprobs = [], []
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens += out.new_token_ids
+            logprobs += out.new_logprobs
+    return tokens, logprobs
+
+
+@pytest.mark.parametrize("generation", ["gemma2", "gemma3"])
 def test_batch_invariance_under_graphs(checkpoints, generation):  # noqa: F811
     folder, _ = checkpoints[generation]
     target = (prompt(0, 23), SamplingParams(max_tokens=24, **GREEDY))
@@ -115,12 +148,16 @@ def test_padding_rows_write_only_the_scratch_block(checkpoints):  # noqa: F811
         v.normal_()
     before = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
     engine.generate([prompt(1, 5), prompt(2, 11), prompt(3, 7)], SamplingParams(max_tokens=6, **GREEDY))
+    # A lone prompt: a prefill graph, 11 padding rows.
+    prefills = count_replays(engine, "prefill_graphs")
+    engine.generate([prompt(4, 5)], SamplingParams(max_tokens=6, **GREEDY))
+    assert prefills[0] == 1
     held = set()
     for (k0, v0), (k1, v1) in zip(before, runner.kv_caches):
         held |= {int(b) for b in torch.nonzero(((k0 != k1) | (v0 != v1)).flatten(1).any(1)).flatten()}
     assert scratch in held
-    # The three sequences need at most 3 + 5 + 4 blocks; nothing else changed.
-    assert len(held - {scratch}) <= 12
+    # The four sequences need at most 3 + 5 + 4 + 3 blocks; nothing else changed.
+    assert len(held - {scratch}) <= 15
 
 
 # -- bf16 on the real shapes -----------------------------------------------------------------------

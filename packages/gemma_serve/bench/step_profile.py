@@ -97,9 +97,21 @@ def prefill_step_ms(probe: StepProbe, kernel: bool, repeats: int = 3) -> float:
     return statistics.median(times[1:])
 
 
-def first_token_step(probe: StepProbe, prompt_len: int = 128, repeats: int = 5) -> dict:
-    """The step that gives a fresh prompt its first token (W1's TTFT): its wall time (median) and
-    the GPU's busy time in it (torch.profiler over one more such step)."""
+def _write_host_profile(profiler, path: Path, lines: int = 30) -> None:
+    import io
+    import pstats
+
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(lines)
+    path.write_text(text.getvalue())
+
+
+def first_token_step(probe: StepProbe, out_dir: Path, prompt_len: int = 128, repeats: int = 5) -> dict:
+    """The step that gives a fresh prompt its first token (W1's TTFT): its wall time (median), the
+    GPU's busy time in it (torch.profiler over one more such step), and where the host's time goes
+    (cProfile over a third, DIR/host-first-token.txt)."""
+    import cProfile
+
     from torch.profiler import ProfilerActivity, profile
 
     engine = probe.engine
@@ -114,6 +126,15 @@ def first_token_step(probe: StepProbe, prompt_len: int = 128, repeats: int = 5) 
         engine.step()
         torch.cuda.synchronize()
     probe.clear()
+    probe.add(1, prompt_len, 4)
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    engine.step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    probe.clear()
+    _write_host_profile(profiler, out_dir / "host-first-token.txt")
     wall = statistics.median(times[1:])
     gpu = _kernel_ms(prof)
     return {"prompt_len": prompt_len, "step_wall_ms": wall, "gpu_busy_ms": gpu, "host_ms": wall - gpu}
@@ -273,8 +294,6 @@ def decode_tile_sweep(engine: LLMEngine, copy_gbps: float) -> list[dict]:
 def host_profile(probe: StepProbe, out_dir: Path, batch: int = 256, steps: int = 24) -> None:
     """cProfile of back-to-back decode steps at `batch`: where the host's time per step goes."""
     import cProfile
-    import io
-    import pstats
 
     engine = probe.engine
     probe.add(batch, 512, steps + 8)
@@ -288,9 +307,7 @@ def host_profile(probe: StepProbe, out_dir: Path, batch: int = 256, steps: int =
     torch.cuda.synchronize()
     profiler.disable()
     probe.clear()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
-    (out_dir / f"host-decode{batch}.txt").write_text(text.getvalue())
+    _write_host_profile(profiler, out_dir / f"host-decode{batch}.txt")
 
 
 def copy_rate_gbps() -> float:
@@ -319,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     report["prefill_step_ms"] = {"kernel": prefill_step_ms(probe, True), "pytorch": prefill_step_ms(probe, False)}
     print(f"prefill step 16 x 512: kernel {report['prefill_step_ms']['kernel']:.1f} ms, "
           f"PyTorch path {report['prefill_step_ms']['pytorch']:.1f} ms", flush=True)
-    report["first_token"] = first_token_step(probe)
+    report["first_token"] = first_token_step(probe, args.out)
     ft = report["first_token"]
     print(f"first token of a {ft['prompt_len']}-token prompt: step {ft['step_wall_ms']:.2f} ms, GPU busy "
           f"{ft['gpu_busy_ms']:.2f} ms, host adds {ft['host_ms']:.2f} ms", flush=True)

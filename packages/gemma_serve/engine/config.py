@@ -46,6 +46,9 @@ class EngineConfig:
     float32_residual: bool = True
     # Capture decode steps as CUDA graphs (CUDA only).
     cuda_graphs: bool = True
+    # With cuda_graphs: also capture steps that prefill one prompt chunk of up to 512 tokens (one
+    # user's time to first token is otherwise ~300 kernel launches from Python).
+    prefill_cuda_graphs: bool = True
     # Launch a graphed decode step before reading the previous step's tokens, so the host's work
     # (post-processing, scheduling, preparing) overlaps the GPU's (LLMEngine.step).
     overlap_steps: bool = True

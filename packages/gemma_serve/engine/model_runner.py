@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gemma_serve.engine.attention import AttentionMetadata, decode_kernel_available, decode_node_len
+from gemma_serve.engine.attention import (AttentionMetadata, decode_kernel_available, decode_node_len,
+                                          use_prefill_kernel)
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.loader import load_vision_weights, load_weights, resolve_checkpoint
 from gemma_serve.engine.model_config import ModelConfig
@@ -236,11 +237,18 @@ class ModelRunner:
                                   for _ in range(2)]
         self._launches = 0
         self.graphs = None
+        self.prefill_graphs = None
         if use_graphs:
-            from gemma_serve.engine.cuda_graphs import DecodeGraphs
+            from gemma_serve.engine.cuda_graphs import DecodeGraphs, PrefillGraphs, prefill_graph_lengths
 
             self.graphs = DecodeGraphs(self, scratch_block=self.num_blocks, window_scratch_block=self.num_window_blocks)
             self.graphs.capture()
+            # The prefill graphs need the Triton prefill kernel (it reads the prompt's extent from
+            # the device; the PyTorch path loops over host lengths).
+            if (config.prefill_cuda_graphs and use_prefill_kernel(self.device)
+                    and prefill_graph_lengths(config.max_num_batched_tokens, self.max_model_len)):
+                self.prefill_graphs = PrefillGraphs(self, self.num_blocks, self.num_window_blocks, self.graphs.pool)
+                self.prefill_graphs.capture()
         if self.device.type == "cuda":
             self._warm_up()
 
@@ -420,6 +428,8 @@ class ModelRunner:
         if (self.graphs is not None and self.graphs.can_run(chunks)
                 and not any(c.seq.image_spans and c.seq.spans_in(c.start, c.start + 1) for c in chunks)):
             logits, seqs = self.graphs.run(chunks)
+        elif self.prefill_graphs is not None and self.prefill_graphs.can_run(chunks):
+            logits, seqs = self.prefill_graphs.run(chunks)
         else:
             inputs = self.prepare(chunks)
             logits = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta,

@@ -45,6 +45,7 @@ def engine_config(settings: ServingSettings) -> EngineConfig:
         quantization=settings.quantization,
         load_format=settings.load_format,
         cuda_graphs=settings.cuda_graphs,
+        prefill_cuda_graphs=settings.prefill_cuda_graphs,
         overlap_steps=settings.overlap_steps,
         sliding_window_kv=settings.sliding_window_kv,
         float32_residual=settings.float32_residual,
