@@ -11,8 +11,10 @@ RoPE, the K/V cache write, GELU, a product): in a CUDA graph each still costs it
   cache; returns q.
 
 Each has the PyTorch computation it stands for (used on CPU and for layouts the kernels do not take),
-and the kernels round where that computation rounds (to the activations' dtype after each norm and
-after the GELU), so bf16 results match it to the last bit or within one rounding.
+and the kernels round where that computation rounds, so bf16 results match it to the last bit or
+within one rounding. Values that stay inside one kernel are not rounded on the way (QK-norm into
+RoPE, the GELU into its product): in bf16 each such rounding added about as much error to the
+logits as a matmul's (bench/bf16_error_attribution.py), and keeping them costs nothing.
 """
 
 from __future__ import annotations
@@ -50,11 +52,14 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return (out * (1.0 + weight.float())).to(x.dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, 1, D], already in x's dtype (rounded as Hugging Face does)."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x: [T, heads, D]; cos/sin: [T, 1, D]. Computed in float32 (as the kernel), rounded once to
+    `out_dtype` (default x's)."""
+    x32 = x.float()
     half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    rotated = torch.cat([-x32[..., half:], x32[..., :half]], dim=-1)
+    return (x32 * cos.float() + rotated * sin.float()).to(out_dtype or x.dtype)
 
 
 # -- kernels ----------------------------------------------------------------------------------------
@@ -116,17 +121,17 @@ if triton is not None:
         mask = cols < inter
         gate = tl.load(GU + t * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(GU + t * stride_gu + inter + cols, mask=mask, other=0.0).to(tl.float32)
-        # As PyTorch's tanh GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), rounded, then the product.
+        # As PyTorch's tanh GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), times up in float32.
         inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        g = (0.5 * gate * (1.0 + _tanh(inner))).to(O.dtype.element_ty).to(tl.float32)
+        g = 0.5 * gate * (1.0 + _tanh(inner))
         tl.store(O + t * inter + cols, (g * up).to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _qkv_to_cache_kernel(QKV, QW, KW, COS, SIN, SLOT, Q, KC, VC, stride_qkv, stride_cos, eps,
                              HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr,
                              QK_NORM: tl.constexpr):
-        """One (token, head) per program, heads ordered q..., k..., v...: q and k get QK-norm (rounded)
-        then rotary (float32, rounded once); k and v go to the token's cache slot."""
+        """One (token, head) per program, heads ordered q..., k..., v...: q and k get QK-norm then
+        rotary (float32, rounded once); k and v go to the token's cache slot."""
         t = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1)
         cols = tl.arange(0, DIM)
@@ -143,8 +148,8 @@ if triton is not None:
                     w = tl.load(KW + cols).to(tl.float32)
                     wp = tl.load(KW + partner).to(tl.float32)
                 inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
-                x = ((x * inv) * (1.0 + w)).to(Q.dtype.element_ty).to(tl.float32)
-                xp = ((xp * inv) * (1.0 + wp)).to(Q.dtype.element_ty).to(tl.float32)
+                x = (x * inv) * (1.0 + w)
+                xp = (xp * inv) * (1.0 + wp)
             rotated = tl.where(cols < HALF, -xp, xp)
             c = tl.load(COS + t * stride_cos + cols).to(tl.float32)
             s = tl.load(SIN + t * stride_cos + cols).to(tl.float32)
@@ -207,8 +212,8 @@ def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, x_weight: torch.Tensor
 def gelu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(gate) * up for gate_up = [gate | up] of shape [T, 2 * inter]."""
     if not use_triton(gate_up) or gate_up.stride(-1) != 1 or gate_up.dim() != 2:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.gelu(gate, approximate="tanh") * up
+        gate, up = gate_up.float().chunk(2, dim=-1)
+        return (F.gelu(gate, approximate="tanh") * up).to(gate_up.dtype)
     t, width = gate_up.shape
     inter = width // 2
     out = torch.empty(t, inter, dtype=gate_up.dtype, device=gate_up.device)
@@ -223,7 +228,7 @@ def qkv_to_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim:
                  k_norm: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
     """Split the qkv projection [T, (H + 2 KV) D], apply QK-norm (when the weights are given) and
-    rotary to q and k (cos/sin [T, 1, D] in the activations' dtype), write k and v to the cache at
+    rotary to q and k (cos/sin [T, 1, D], float32 or the activations' dtype), write k and v to the cache at
     `slot_mapping`. Returns q [T, H, D]."""
     tokens = qkv.shape[0]
     fits = (use_triton(qkv) and qkv.stride(-1) == 1 and not head_dim & (head_dim - 1) and cos.stride(-1) == 1
@@ -235,9 +240,9 @@ def qkv_to_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim:
         q = q.view(tokens, num_heads, head_dim)
         k = k.view(tokens, num_kv_heads, head_dim)
         v = v.view(tokens, num_kv_heads, head_dim)
-        if q_norm is not None:
-            q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if q_norm is not None:  # float32 into RoPE, as the kernel
+            q, k = rms_norm(q, q_norm, eps, torch.float32), rms_norm(k, k_norm, eps, torch.float32)
+        q, k = apply_rotary(q, cos, sin, qkv.dtype), apply_rotary(k, cos, sin, qkv.dtype)
         write_kv(k_cache, v_cache, k, v, slot_mapping)
         return q
     q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)

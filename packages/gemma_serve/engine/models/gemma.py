@@ -139,17 +139,19 @@ class GemmaModel(nn.Module):
         # Embeddings are scaled by sqrt(hidden), the scale rounded to the weights' dtype as in training.
         # A host float (no tensor made per step), equal to the rounded scale.
         scale = torch.tensor(self.cfg.hidden_size ** 0.5, dtype=weight.dtype).item()
-        hidden = self.embed_tokens(input_ids) * scale
-        act_dtype = hidden.dtype
-        if self.residual_dtype is not None:
-            hidden = hidden.to(self.residual_dtype)
+        act_dtype = weight.dtype
+        # A float32 residual stream takes the scaled embedding unrounded (the first layer's input:
+        # in bf16 its rounding moved the logits as much as one matmul's).
+        hidden = self.embed_tokens(input_ids).to(self.residual_dtype or act_dtype) * scale
         if image_embeds is not None:
             # As Gemma3Model: the text embeddings are scaled, the projected image features replace the
             # placeholders' embeddings as they are (the vision projector's output is not scaled).
             hidden = hidden.index_copy(0, image_rows, image_embeds.to(hidden.dtype))
-        # Once per step rather than per layer: [T, 1, D] in the activations' dtype.
-        cos_g, sin_g = (t[:, None, :].to(act_dtype) for t in self.rope_global(positions))
-        cos_l, sin_l = (t[:, None, :].to(act_dtype) for t in self.rope_local(positions))
+        # Once per step rather than per layer: [T, 1, D], float32 with a float32 residual stream (as
+        # close to float32 as it gets, at no cost), else in the activations' dtype as Hugging Face.
+        rope_dtype = self.residual_dtype or act_dtype
+        cos_g, sin_g = (t[:, None, :].to(rope_dtype) for t in self.rope_global(positions))
+        cos_l, sin_l = (t[:, None, :].to(rope_dtype) for t in self.rope_local(positions))
         # Each layer ends with the next layer's input norm (fused with its residual add); the last
         # one's output is normed below for the sampled rows only.
         normed = self.layers[0].input_layernorm(hidden, act_dtype)
