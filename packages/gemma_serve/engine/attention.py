@@ -40,9 +40,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gemma_serve.engine.pdl import pdl_launch
+
 try:  # CUDA builds of PyTorch ship Triton; CPU-only installs use the PyTorch path alone.
     import triton
     import triton.language as tl
+
+    from gemma_serve.engine.pdl import pdl_wait
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
@@ -330,12 +334,13 @@ if triton is not None:
                              NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                              G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                              BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                             HAS_SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr):
+                             HAS_SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr = False):
         """Partial softmax sums of one unit of a row's keys for one KV head's query group. A unit is
         a leaf (BLOCK_N keys) or a node (unit_len keys: its leaves merged in order). Leaves start at
         the row's first visible key, so a leaf's keys, and its sums, never depend on the grid. The
         unit length is a runtime value: both modes run one compiled kernel, so a leaf's sums come
         from the same instructions in either (a compile-time branch could lay them out differently)."""
+        pdl_wait(PDL)
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
         unit = tl.program_id(2)
@@ -387,9 +392,10 @@ if triton is not None:
     def _decode_combine_kernel(PACC, PM, PL, CTX, O, stride_ob, stride_oh, window, max_units,
                                NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr,
                                LEAF_LEN: tl.constexpr, NODE_LEN: tl.constexpr, LEAF_UNITS: tl.constexpr,
-                               LEAF_CHUNK: tl.constexpr):
+                               LEAF_CHUNK: tl.constexpr, PDL: tl.constexpr = False):
         """A row's units merged in order. Leaf units (LEAF_UNITS) are first merged into nodes, as the
         decode kernel merges them itself for node units; then the nodes into the row's result."""
+        pdl_wait(PDL)
         seq = tl.program_id(0)
         head = tl.program_id(1)
         ctx = tl.load(CTX + seq).to(tl.int32)
@@ -486,12 +492,12 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         float(scale), float(softcap or 1.0), int(window or 0), max_units, unit_len,
         KV_HEADS=kv_heads, GROUP=group, G_PAD=group_pad, PAGE=page, BLOCK_N=block_n,
         HAS_SOFTCAP=softcap is not None, USE_DOT=use_dot, num_warps=warps,
-        **({} if stages is None else {"num_stages": stages}), **common)
+        **({} if stages is None else {"num_stages": stages}), **common, **pdl_launch(q))
     _decode_combine_kernel[(batch, heads)](
         part_acc, part_m, part_l, context_lens, out, out.stride(0), out.stride(1), int(window or 0), max_units,
         LEAF_LEN=block_n, NODE_LEN=node_len, LEAF_UNITS=unit_len != node_len,
         LEAF_CHUNK=min(8, node_len // block_n),
-        num_warps=1 if head_dim <= 128 else 2, **common)
+        num_warps=1 if head_dim <= 128 else 2, **common, **pdl_launch(q))
     return out
 
 
@@ -548,7 +554,8 @@ if triton is not None:
                               KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                               PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                              IEEE: tl.constexpr):
+                              IEEE: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_wait(PDL)
         tile = tl.program_id(0)
         head = tl.program_id(1)
         kvh = head // GROUP
@@ -631,5 +638,5 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         KV_HEADS=kv_heads, GROUP=heads // kv_heads, HEAD_DIM=head_dim, PAGE=page, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_LIMIT=limits is not None, IEEE=k_cache.dtype == torch.float32,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_launch(q))
     return out

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from gemma_serve.engine.attention import write_kv
+from gemma_serve.engine.pdl import pdl_launch
 
 try:  # CUDA builds of PyTorch ship Triton; CPU-only installs use the PyTorch path alone.
     import triton
@@ -33,6 +34,8 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 if triton is not None:
+    from gemma_serve.engine.pdl import pdl_wait
+
     try:
         from triton.language.extra import libdevice
     except ImportError:  # pragma: no cover - older Triton
@@ -46,10 +49,11 @@ def use_triton(x: torch.Tensor) -> bool:
 # -- PyTorch reference computations ---------------------------------------------------------------
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
     x32 = x.float()
     out = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (out * (1.0 + weight.float())).to(x.dtype)
+    return (out * (1.0 + weight.float())).to(out_dtype or x.dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -67,8 +71,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(X, W, Y, rows_per_t, stride_t, stride_r, eps, DIM: tl.constexpr, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(X, W, Y, rows_per_t, stride_t, stride_r, eps, DIM: tl.constexpr, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr = False):
         """One row of x ([T, R, DIM] with strided T and R) per program; float32 inside."""
+        pdl_wait(PDL)
         row = tl.program_id(0)
         t = row // rows_per_t
         r = row % rows_per_t
@@ -82,8 +88,9 @@ if triton is not None:
 
     @triton.jit
     def _add_rms_norm_kernel(X, R, WX, WO, H, Y, stride_x, stride_r, eps, DIM: tl.constexpr, BLOCK: tl.constexpr,
-                             NORM_X: tl.constexpr, NORM_OUT: tl.constexpr):
+                             NORM_X: tl.constexpr, NORM_OUT: tl.constexpr, PDL: tl.constexpr = False):
         """h = r + norm(x) (or r + x), rounded; y = norm(h). One row per program."""
+        pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < DIM
@@ -114,8 +121,9 @@ if triton is not None:
             return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
     @triton.jit
-    def _gelu_mul_kernel(GU, O, inter, stride_gu, BLOCK: tl.constexpr):
+    def _gelu_mul_kernel(GU, O, inter, stride_gu, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """out[t, i] = gelu_tanh(gate[t, i]) * up[t, i], gate and up the halves of one gate_up row."""
+        pdl_wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
@@ -129,9 +137,10 @@ if triton is not None:
     @triton.jit
     def _qkv_to_cache_kernel(QKV, QW, KW, COS, SIN, SLOT, Q, KC, VC, stride_qkv, stride_cos, eps,
                              HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr,
-                             QK_NORM: tl.constexpr):
+                             QK_NORM: tl.constexpr, PDL: tl.constexpr = False):
         """One (token, head) per program, heads ordered q..., k..., v...: q and k get QK-norm then
         rotary (float32, rounded once); k and v go to the token's cache slot."""
+        pdl_wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1)
         cols = tl.arange(0, DIM)
@@ -182,7 +191,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
     if y.numel():
         block = triton.next_power_of_2(dim)
         _rms_norm_kernel[(t * r,)](x, weight, y, r, stride_t, stride_r, float(eps), DIM=dim, BLOCK=block,
-                                   num_warps=max(1, min(8, block // 256)))
+                                   num_warps=max(1, min(8, block // 256)), **pdl_launch(x))
     return y
 
 
@@ -193,7 +202,8 @@ def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, x_weight: torch.Tensor
     dtype, y x's: with a float32 residual stream the sum is not rounded to 16 bits, and the next
     matmul still gets 16-bit inputs."""
     if not use_triton(x) or x.stride(-1) != 1 or residual.stride(-1) != 1 or x.dim() != 2:
-        normed = rms_norm_reference(x, x_weight, eps) if x_weight is not None else x
+        # As the kernel: norm(x) is rounded to the residual's dtype only (not first to x's).
+        normed = rms_norm_reference(x, x_weight, eps, residual.dtype) if x_weight is not None else x
         h = residual + normed.to(residual.dtype)
         return h, (rms_norm_reference(h, out_weight, eps).to(x.dtype) if out_weight is not None else None)
     t, dim = x.shape
@@ -205,7 +215,7 @@ def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, x_weight: torch.Tensor
                                    out_weight if out_weight is not None else x, h, y if y is not None else h,
                                    x.stride(0), residual.stride(0), float(eps), DIM=dim, BLOCK=block,
                                    NORM_X=x_weight is not None, NORM_OUT=out_weight is not None,
-                                   num_warps=max(1, min(8, block // 256)))
+                                   num_warps=max(1, min(8, block // 256)), **pdl_launch(x))
     return h, y
 
 
@@ -220,7 +230,7 @@ def gelu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if t:
         block = 1024
         _gelu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0), BLOCK=block,
-                                                         num_warps=4)
+                                                         num_warps=4, **pdl_launch(gate_up))
     return out
 
 
@@ -251,5 +261,5 @@ def qkv_to_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim:
         _qkv_to_cache_kernel[(tokens, num_heads + 2 * num_kv_heads)](
             qkv, q_norm if qk_norm else qkv, k_norm if qk_norm else qkv, cos, sin, slot_mapping, q, k_cache, v_cache,
             qkv.stride(0), cos.stride(0), float(eps), HEADS=num_heads, KV_HEADS=num_kv_heads, DIM=head_dim,
-            HALF=head_dim // 2, QK_NORM=qk_norm, num_warps=max(1, min(4, head_dim // 128)))
+            HALF=head_dim // 2, QK_NORM=qk_norm, num_warps=max(1, min(4, head_dim // 128)), **pdl_launch(qkv))
     return q

@@ -38,9 +38,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemma_serve.engine.pdl import pdl_launch
+
 try:  # CUDA builds of PyTorch ship Triton; CPU-only installs use the PyTorch path alone.
     import triton
     import triton.language as tl
+
+    from gemma_serve.engine.pdl import pdl_wait
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
@@ -341,11 +345,12 @@ if triton is not None:
     @triton.jit
     def _weight_only_gemv_kernel(X, W, S, OUT, N, K, stride_wn, stride_split, split_k, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WIDEN: tl.constexpr,
-                                 HAS_SCALE: tl.constexpr = True):
+                                 HAS_SCALE: tl.constexpr = True, PDL: tl.constexpr = False):
         """One token: OUT[split][n] = scale[n] * sum over this split's K of x[k] * W[n, k], on the FMA
         units (a matrix unit would idle 15 of its 16 rows). Weights go straight from memory to
         registers; the products accumulate per lane and are summed across K once, at the end.
         Without HAS_SCALE the weights are 16-bit floats used as they are."""
+        pdl_wait(PDL)
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -387,11 +392,13 @@ if triton is not None:
     @triton.jit(do_not_specialize=["M"])
     def _weight_only_matmul_kernel(X, W, S, OUT, M, N, K, stride_xm, stride_wn, stride_om, stride_split, split_k,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                   EVEN_K: tl.constexpr, WIDEN: tl.constexpr, SWAP_AB: tl.constexpr):
+                                   EVEN_K: tl.constexpr, WIDEN: tl.constexpr, SWAP_AB: tl.constexpr,
+                                   PDL: tl.constexpr = False):
         """OUT[split][m, n] = scale[n] * sum over this split's K of X[m, k] * W[n, k] on the matrix
         units. With SWAP_AB the product is computed transposed, [BLOCK_N, BLOCK_M] = W tile @ X
         tile^T, so the weight fills the unit's row dimension even for a few tokens. Out-of-range rows
         and columns are read wrapped around (always in bounds, no load masks) and never stored."""
+        pdl_wait(PDL)
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -449,8 +456,9 @@ if triton is not None:
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
     @triton.jit
-    def _sum_splits_kernel(P, Y, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    def _sum_splits_kernel(P, Y, numel, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """Y = sum over splits of P [SPLIT_K, numel] (float32), added in split order."""
+        pdl_wait(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -492,14 +500,15 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
         _weight_only_gemv_kernel[(grid[0], grid[2])](x2, qweight, scale, out, n, k, qweight.stride(0), m * n,
                                                      cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                                      EVEN_K=even_k, WIDEN=widen, HAS_SCALE=scale is not None,
-                                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                                     **pdl_launch(x2))
     else:
         _weight_only_matmul_kernel[grid](x2, qweight, scale, out, m, n, k, x2.stride(0), qweight.stride(0), n,
                                          m * n, cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                          BLOCK_K=cfg.block_k, EVEN_K=even_k, WIDEN=widen, SWAP_AB=cfg.swap_ab,
-                                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
     if cfg.split_k > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](out, y, m * n, SPLIT_K=cfg.split_k, BLOCK=block,
-                                                          num_warps=4)
+                                                          num_warps=4, **pdl_launch(x2))
     return y.reshape(*x.shape[:-1], n)

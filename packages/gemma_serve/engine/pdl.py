@@ -1,0 +1,50 @@
+"""Programmatic dependent launch (PDL) of the engine's Triton kernels, on Hopper and newer GPUs.
+
+A decode step at batch 1 is ~170 kernels in a row, most of them a few microseconds long, and
+between two of them the GPU drains one grid before it ramps up the next. Launched with PDL, a
+kernel's programs are scheduled while the previous kernel's last programs still run; they wait on
+the device (`griddepcontrol.wait`) until that kernel has finished and its writes are visible, and
+then let the kernel after them be scheduled the same way. Every kernel waits before it reads or
+writes anything, so the order of memory effects is the stream's. Kernels not launched this way
+(cuBLAS, PyTorch's own) keep the plain stream order. GEMMA_PDL=0 turns it off, for comparison.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # CUDA builds of PyTorch ship Triton; CPU-only installs use the PyTorch paths alone.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+# Off in Triton's interpreter (CPU checks), which has no grid dependency control.
+PDL = os.environ.get("GEMMA_PDL", "1") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _supported(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def pdl_launch(t: torch.Tensor) -> dict:
+    """Keyword arguments for launching one of the engine's kernels on `t`'s device: the kernel's
+    PDL switch and Triton's launch flag, when the device has PDL; none otherwise."""
+    if PDL and triton is not None and t.is_cuda and _supported(t.device.index or 0):
+        return {"PDL": True, "launch_pdl": True}
+    return {}
+
+
+if triton is not None:
+
+    @triton.jit
+    def pdl_wait(PDL: tl.constexpr):
+        """A kernel's first statement: wait for the kernel before it (PDL launches only), then let
+        the kernel after it be scheduled."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
