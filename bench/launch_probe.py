@@ -5,7 +5,7 @@ residual (so a TTFT change can be told apart from the host's own speed).
 
     PYTHONPATH=packages python3 bench/launch_probe.py
 """
-import gc, inspect, statistics, sys, time
+import gc, inspect, sys, time
 import torch, triton
 sys.path.insert(0, "packages")
 from gemma_serve.engine import fused_kernels as fk

@@ -17,6 +17,7 @@ from gemma_serve.engine.sequence import Sequence
 
 from tests.engine.conftest import checkpoints, prompt  # noqa: F401  (checkpoints is a fixture)
 from tests.engine.test_batching import run_staggered
+from tests.engine.test_cuda_graphs import tokens_and_logprobs
 
 pytestmark = pytest.mark.gpu
 
@@ -98,21 +99,11 @@ def test_prefill_graphs_match_eager_prefill(checkpoints, generation, caplog):  #
     prompts = [prompt(301, 2), prompt(302, 16), prompt(303, 17), shared, shared + prompt(304, 6), prompt(305, 90)]
     params = SamplingParams(max_tokens=12, logprobs=True, **GREEDY)
     for i, p in enumerate(prompts):
-        ours, theirs = _tokens_and_logprobs(on, p, params), _tokens_and_logprobs(off, p, params)
+        ours, theirs = tokens_and_logprobs(on, p, params), tokens_and_logprobs(off, p, params)
         assert ours[0] == theirs[0], i
         assert ours[1] == pytest.approx(theirs[1], abs=1e-4), i
     assert replays[0] == 7  # one per prompt, two for the 90-token one (64 + 26)
     assert on.block_manager.num_free_blocks == on.block_manager.num_blocks
-
-
-def _tokens_and_logprobs(engine, p: list[int], params: SamplingParams) -> tuple[list[int], list[float]]:
-    engine.add_request("one", p, params)
-    tokens, logprobs = [], []
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens += out.new_token_ids
-            logprobs += out.new_logprobs
-    return tokens, logprobs
 
 
 @pytest.mark.parametrize("generation", ["gemma2", "gemma3"])
@@ -269,8 +260,8 @@ def test_programmatic_dependent_launch_changes_no_bits(checkpoints, monkeypatch)
     folder, _ = checkpoints["gemma3"]
     prompts = [prompt(60, 20), prompt(61, 7), prompt(62, 33)]
     params = SamplingParams(max_tokens=10, logprobs=True, **GREEDY)
-    with_pdl = [_tokens_and_logprobs(cuda_engine(folder, max_num_batched_tokens=64), p, params) for p in prompts]
+    with_pdl = [tokens_and_logprobs(cuda_engine(folder, max_num_batched_tokens=64), p, params) for p in prompts]
     monkeypatch.setattr(pdl, "PDL", False)
     assert not pdl.pdl_launch(torch.zeros(1, device="cuda"))
-    plain = [_tokens_and_logprobs(cuda_engine(folder, max_num_batched_tokens=64), p, params) for p in prompts]
+    plain = [tokens_and_logprobs(cuda_engine(folder, max_num_batched_tokens=64), p, params) for p in prompts]
     assert with_pdl == plain

@@ -179,6 +179,26 @@ def sweep(ms: list[int], copy_gbps: float, layers: int) -> list[dict]:
     return rows
 
 
+def time_one_token_tiles(step, n: int, k: int, layers: int, targets: tuple[int, ...],
+                         tiles: list[tuple[int, int, int, int]], label: str = "") -> dict[str, float]:
+    """us per layer of step(cfg) for each one-token tile (block_n, block_k, warps, stages) and split
+    target that fits K; a config that fails to compile or run is timed as inf and reported."""
+    timed: dict[str, float] = {}
+    for block_n, block_k, warps, stages in tiles:
+        if block_k > k:
+            continue
+        for target in targets:
+            cfg = resolve_split(quant.KernelConfig(1, block_n, block_k, -target, warps, stages), 1, n, k)
+            if cfg is None or str(cfg) in timed:
+                continue
+            try:
+                timed[str(cfg)] = graph_ms(step(cfg)) * 1e3 / layers
+            except Exception as exc:
+                timed[str(cfg)] = float("inf")
+                print(f"  {label} {cfg}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    return timed
+
+
 def bf16_gemv_sweep(copy_gbps: float, layers: int) -> list[dict]:
     """One token, bf16 weights: cuBLAS (`F.linear`) against the Triton one-token kernel with 16-bit
     weights (no scales), per projection and tile shape."""
@@ -196,21 +216,9 @@ def bf16_gemv_sweep(copy_gbps: float, layers: int) -> list[dict]:
                     quant.triton_weight_only_linear(xs[k], layer[name], None, cfg)
             return run
 
-        timed = {}
-        for block_n, block_k, warps, stages in [(4, 1024, 4, 2), (8, 512, 4, 2), (8, 512, 4, 3), (8, 1024, 8, 2),
-                                                (16, 512, 8, 2), (4, 512, 4, 3), (2, 1024, 4, 3), (16, 256, 4, 3),
-                                                (4, 256, 4, 4)]:
-            if block_k > k:
-                continue
-            for target in (0, 2, 4):
-                cfg = resolve_split(quant.KernelConfig(1, block_n, block_k, -target, warps, stages), 1, n, k)
-                if cfg is None or str(cfg) in timed:
-                    continue
-                try:
-                    timed[str(cfg)] = graph_ms(triton_step(cfg)) * 1e3 / layers
-                except Exception as exc:
-                    timed[str(cfg)] = float("inf")
-                    print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+        timed = time_one_token_tiles(triton_step, n, k, layers, (0, 2, 4),
+                                     [(4, 1024, 4, 2), (8, 512, 4, 2), (8, 512, 4, 3), (8, 1024, 8, 2), (16, 512, 8, 2),
+                                      (4, 512, 4, 3), (2, 1024, 4, 3), (16, 256, 4, 3), (4, 256, 4, 4)])
         cublas_us = graph_ms(step_fn(bf16, xs)) * 1e3 / layers
         best = min(timed, key=timed.get)
         # Same numbers as cuBLAS within bf16 rounding of the sum.
@@ -244,24 +252,16 @@ def int8_gemv_sweep(copy_gbps: float, layers: int) -> list[dict]:
         q, s = int8[0][name]
         ref = F.linear(xs[k].float(), quant.dequantize_weight(q, s, torch.float32))
         for label, widen in INT8_WIDENINGS.items():
-            def step(cfg: quant.KernelConfig, name: str = name, k: int = k, widen: int = widen):
+            def step(cfg: quant.KernelConfig, name: str = name, k: int = k, widen: int = widen,
+                     weights: list[dict] = int8):
                 def run() -> None:
-                    for layer in int8:
+                    for layer in weights:
                         quant.triton_weight_only_linear(xs[k], *layer[name], cfg, int8_gemv_widen=widen)
                 return run
 
-            timed: dict[str, float] = {}
-            for block_n, block_k, warps, stages in [(4, 1024, 4, 2), (8, 512, 4, 2), (8, 1024, 4, 2), (8, 1024, 8, 2),
-                                                    (16, 512, 8, 2), (4, 512, 4, 3)]:
-                for target in (0, 2):
-                    cfg = resolve_split(quant.KernelConfig(1, block_n, block_k, -target, warps, stages), 1, n, k)
-                    if cfg is None or str(cfg) in timed:
-                        continue
-                    try:
-                        timed[str(cfg)] = graph_ms(step(cfg)) * 1e3 / layers
-                    except Exception as exc:
-                        timed[str(cfg)] = float("inf")
-                        print(f"  {label} {cfg}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            timed = time_one_token_tiles(step, n, k, layers, (0, 2),
+                                         [(4, 1024, 4, 2), (8, 512, 4, 2), (8, 1024, 4, 2), (8, 1024, 8, 2),
+                                          (16, 512, 8, 2), (4, 512, 4, 3)], label)
             best = min(timed, key=timed.get)
             try:
                 got = quant.triton_weight_only_linear(xs[k], q, s, quant.KernelConfig(1, 8, 512, 1, 4, 2),
