@@ -14,8 +14,17 @@ those of the same position in a causal prefill of the whole prompt (the rounding
 per row), so each prompt is run once in full and its last 6 positions are read.
 `--setup proxy`: one 128-token prompt, its last 6 positions (4x cheaper).
 
+Mixed steps: a point can round only the "prefill rows" (each prompt's positions before its last 6),
+as when the prompts are prefilled in one long step and the last 6 positions decoded one at a time
+with different roundings in the two kinds of step (e.g. float32 matmul outputs only in decode
+steps up to 256 rows). The "mixed:" experiments do this; `--prefill-rows qkv,o_proj,...` restricts
+those points, in every experiment run that rounds them, to the prefill rows. (The logits and the
+final norm are computed on decode rows only, so there they mean "off"; embed_scale is not per row.)
+
     PYTHONPATH=packages python bench/bf16_error_attribution.py [--engine] [--setup test|proxy]
-        [--only all,fp32_outputs,...]
+        [--only all,fp32_outputs,...] [--prefill-rows qkv,o_proj,...] [--steps]
+
+`--steps`: also print each decode step's rel_err.
 
 Memory: the bf16 weights (7.8 GB with the 262k vocabulary); each layer is widened to float32 as
 it runs. One configuration is about 25 s of 2 CPU cores for the test's 536 tokens.
@@ -104,14 +113,30 @@ class Emulator:
         self.rope_global = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, max_positions)
         self.rope_local = RotaryTable(cfg.head_dim, cfg.rope_local_theta, 1.0, max_positions)
 
-    def forward(self, prompts: list[list[int]], last: int, on: frozenset[str]) -> torch.Tensor:
-        """Logits [last, len(prompts), V] of each prompt's last `last` positions."""
+    def forward(self, prompts: list[list[int]], last: int, on: frozenset[str],
+                prefill: frozenset[str] = frozenset()) -> torch.Tensor:
+        """Logits [last, len(prompts), V] of each prompt's last `last` positions.
+
+        Points in `on` round every row; points in `prefill` (and not in `on`) round only the prefill
+        rows, each prompt's positions before its last `last` (the decode rows).
+        """
         cfg = self.cfg
-        r = (lambda name, x: bf(x) if name in on else x)
         eps, heads, kvh, d = cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         ids = torch.tensor([t for p in prompts for t in p])
         positions = torch.cat([torch.arange(len(p)) for p in prompts])
         bounds = torch.tensor([0] + [len(p) for p in prompts]).cumsum(0).tolist()
+        rows = torch.tensor([b - last + j for j in range(last) for b in bounds[1:]])
+        prefill_rows = torch.ones(len(ids), dtype=torch.bool)
+        prefill_rows[rows] = False
+
+        def r(name: str, x: torch.Tensor, row_mask: torch.Tensor = prefill_rows) -> torch.Tensor:
+            """x (rows first) rounded where `name` rounds: every row, the rows of `row_mask`, or none."""
+            if name in on:
+                return bf(x)
+            if name in prefill:
+                return torch.where(row_mask.view(-1, *(1,) * (x.dim() - 1)), bf(x), x)
+            return x
+
         scale = cfg.hidden_size ** 0.5
         if "embed_scale" in on:
             scale = float(torch.tensor(scale, dtype=torch.bfloat16))
@@ -121,6 +146,8 @@ class Emulator:
             cos, sin = (t[:, None, :] for t in table(positions))
             tables[name] = (r("rope_table", cos), r("rope_table", sin))
         q_size, kv_size = heads * d, kvh * d
+        # Query rows whose probabilities are rounded before P @ V.
+        p_rows = torch.full_like(prefill_rows, "attn_p" in on) | (prefill_rows & ("attn_p" in prefill))
         for i, lw in enumerate(self.w.layers):
             cos, sin = tables["local" if cfg.sliding[i] else "global"]
             window = cfg.sliding_window if cfg.sliding[i] else None
@@ -134,7 +161,7 @@ class Emulator:
                 q, k = _rope_bf16_ops(q, cos, sin), _rope_bf16_ops(k, cos, sin)
             else:
                 q, k = r("rope", _rope(q, cos, sin)), r("rope", _rope(k, cos, sin))
-            attn = torch.cat([self._attention(q[a:b], k[a:b], v[a:b], window, on)
+            attn = torch.cat([self._attention(q[a:b], k[a:b], v[a:b], window, p_rows[a:b])
                               for a, b in zip(bounds[:-1], bounds[1:])])
             o = r("o_proj", r("attn_out", attn.reshape(-1, q_size)) @ lw["o_proj.weight"].float().T)
             post = r("post_norm", _norm(o, lw["post_attention_layernorm.weight"], eps))
@@ -145,13 +172,15 @@ class Emulator:
             down = r("down", m @ lw["down_proj.weight"].float().T)
             post = r("post_norm", _norm(down, lw["post_feedforward_layernorm.weight"], eps))
             h = r("residual", h + r("residual", post))
-        rows = torch.tensor([b - last + j for j in range(last) for b in bounds[1:]])
-        x = r("final_norm", _norm(h[rows], self.w.final_norm, eps))
+        x = r("final_norm", _norm(h[rows], self.w.final_norm, eps), prefill_rows[rows])
         logits = torch.cat([x @ chunk.float().T for chunk in self.w.embed.split(32768)], dim=-1)
-        return r("logits", logits).view(last, len(prompts), -1)
+        return r("logits", logits, prefill_rows[rows]).view(last, len(prompts), -1)
 
-    def _attention(self, q, k, v, window, on):
-        """One sequence, causal: q [L, heads, D], k/v [L, kv_heads, D] -> [L, heads, D]."""
+    def _attention(self, q, k, v, window, p_rows):
+        """One sequence, causal: q [L, heads, D], k/v [L, kv_heads, D] -> [L, heads, D].
+
+        p_rows [L] bool: the query rows whose probabilities are rounded for P @ V.
+        """
         length, heads, d = q.shape
         group = heads // k.shape[1]
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
@@ -163,7 +192,7 @@ class Emulator:
         s = s.masked_fill(~allowed, float("-inf"))
         p = torch.exp(s - s.amax(-1, keepdim=True))
         # As the kernels: the sum of the float32 probabilities, P rounded for the tensor-core P @ V.
-        p_v = bf(p) if "attn_p" in on else p
+        p_v = torch.where(p_rows[None, :, None], bf(p), p) if p_rows.any() else p
         out = torch.einsum("hls,shd->lhd", p_v, v) / p.sum(-1).transpose(0, 1)[..., None]
         return out
 
@@ -176,9 +205,11 @@ def step_errs(logits: torch.Tensor, reference: torch.Tensor) -> list[float]:
     return [rel_err(a, b) for a, b in zip(logits, reference)]
 
 
-def experiments() -> list[tuple[str, frozenset[str]]]:
-    """(name, rounding points on): calibration, groups, leave-one-out, one-alone, candidate fixes."""
-    runs = [("all (CUDA engine, float32 residual)", ALL), ("all + bf16 residual (before 5a48445)", ALL | {"residual"})]
+def experiments() -> list[tuple[str, frozenset[str], frozenset[str]]]:
+    """(name, rounding points on every row, on prefill rows only): calibration, groups,
+    leave-one-out, one-alone, candidate fixes, mixed prefill/decode steps."""
+    runs: list[tuple[str, frozenset[str]]] = [("all (CUDA engine, float32 residual)", ALL),
+                                              ("all + bf16 residual (before 5a48445)", ALL | {"residual"})]
     runs += [("matmul inputs only", MATMUL_INPUTS), ("matmul outputs only", MATMUL_OUTPUTS),
              ("attention internals only", frozenset({"qk_norm", "rope_table", "rope", "attn_p"})),
              ("embedding only", frozenset({"embed_scale", "embed"}))]
@@ -191,12 +222,21 @@ def experiments() -> list[tuple[str, frozenset[str]]]:
         "fix: free (embed, qk_norm, rope_table, gelu)": free,
         "fix: free + qkv, gate_up outputs": free | {"qkv", "gate_up"},
         "fix: free + all matmul outputs": free | MATMUL_OUTPUTS,
+        "fix: free + logits output": free | {"logits"},
         "fix: free + all matmul outputs + embed_scale": free | MATMUL_OUTPUTS | {"embed_scale"},
         "fix: all matmul outputs": MATMUL_OUTPUTS,
         "fix: all but matmul inputs and P": ALL - MATMUL_INPUTS - {"attn_p"},
     }
     runs += [(name, ALL - frozenset(points)) for name, points in fixes.items()]
-    return runs
+    # Float32 matmul outputs only in decode steps (up to 256 rows): one long prefill step of the
+    # prompts keeps bf16 outputs, the last positions are decoded one step at a time without.
+    engine = ALL - free
+    mixed = [
+        ("mixed: free, matmul outputs on prefill rows only", engine - MATMUL_OUTPUTS, MATMUL_OUTPUTS),
+        ("mixed: free + matmul outputs but gate_up, gate_up on prefill rows only",
+         engine - MATMUL_OUTPUTS, frozenset({"gate_up"})),
+    ]
+    return [(name, on, frozenset()) for name, on in runs] + mixed
 
 
 def engine_logits(setup_prompts: list[list[int]], last: int):
@@ -218,6 +258,9 @@ def main() -> None:
     parser.add_argument("--setup", choices=("test", "proxy"), default="test")
     parser.add_argument("--engine", action="store_true", help="weights and a comparison from the CPU bf16 engine")
     parser.add_argument("--only", help="comma-separated name prefixes of the experiments to run")
+    parser.add_argument("--prefill-rows", default="",
+                        help="comma-separated points rounded on prefill rows only in every experiment that rounds them")
+    parser.add_argument("--steps", action="store_true", help="also print each decode step's rel_err")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     from gemma_serve.engine.model_config import ModelConfig
@@ -251,18 +294,24 @@ def main() -> None:
 
     def report(name: str, logits: torch.Tensor) -> None:
         errs = step_errs(logits, reference)
-        print(f"| {name:48s} | {sum(errs) / len(errs):.2e} | {max(errs):.2e} |", flush=True)
+        steps = f" {' '.join(f'{e:.2e}' for e in errs)} |" if args.steps else ""
+        print(f"| {name:48s} | {sum(errs) / len(errs):.2e} | {max(errs):.2e} |{steps}", flush=True)
 
-    print("| rounding points on | rel_err mean over steps | max |\n|---|---|---|")
+    header = "| rounding points on | rel_err mean over steps | max |" + (" per step |" if args.steps else "")
+    print(header + "\n|---|---|---|" + ("---|" if args.steps else ""))
     if args.engine:
         report("CPU bf16 engine (fp32 P, RoPE in bf16 ops)", eng)
         cpu = emu.forward(prompts, last, CPU_ENGINE)
         report("emulated CPU engine", cpu)
         print(f"  emulation vs CPU engine: {['%.1e' % e for e in step_errs(cpu, eng)]}")
     only = args.only.split(",") if args.only else None
-    for name, on in experiments():
+    prefill_rows = frozenset(args.prefill_rows.split(",")) - {""}
+    assert prefill_rows <= set(POINTS + EXTRA_POINTS), f"unknown points: {prefill_rows}"
+    for name, on, prefill in experiments():
         if only is None or any(name.startswith(o) for o in only):
-            report(name, emu.forward(prompts, last, on))
+            if on & prefill_rows:
+                name += f" ({','.join(sorted(on & prefill_rows))} on prefill rows only)"
+            report(name, emu.forward(prompts, last, on - prefill_rows, prefill | (on & prefill_rows)))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,11 @@ def deep_gemma3(tmp_path_factory):
     return folder
 
 
-def _logits(folder, **overrides) -> list[torch.Tensor]:
+def _logits(folder, matmul_out_dtype: str = "default", **overrides) -> list[torch.Tensor]:
     engine = LLMEngine(EngineConfig(model=str(folder), device="cpu", max_model_len=256, num_kv_blocks=64,
                                     max_num_seqs=4, max_num_batched_tokens=256, **overrides))
+    if matmul_out_dtype != "default":
+        engine.runner.model.set_matmul_out_dtype(matmul_out_dtype)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(5, 500, (n,), generator=gen).tolist() for n in (40, 13, 90)]
     return engine, _teacher_forced_decode_logits(engine, prompts, 4)
@@ -52,3 +54,19 @@ def test_float32_residual_brings_bf16_logits_closer_to_float32(deep_gemma3):
         errs[flag] = _rel_err(logits, reference)
     print(f"bf16 logits vs float32: residual bf16 {errs[False]:.2e}, residual float32 {errs[True]:.2e}")
     assert errs[True] < 0.85 * errs[False], errs
+
+
+def test_float32_matmul_outputs_bring_bf16_logits_closer_still(deep_gemma3):
+    """With the float32 residual stream the projections and the LM head return float32 (their
+    accumulators unrounded); gate_up does up to GATE_UP_FLOAT32_MAX_ROWS rows (this test's steps)."""
+    _, reference = _logits(deep_gemma3, dtype="float32")
+    engine, wide = _logits(deep_gemma3, dtype="bfloat16")
+    model = engine.runner.model
+    assert model.matmul_out_dtype == torch.float32
+    assert all(proj.out_dtype == torch.float32 for layer in model.layers
+               for proj in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj))
+    assert all(layer.gate_up_proj.out_dtype_max_rows == 256 for layer in model.layers)
+    _, narrow = _logits(deep_gemma3, None, dtype="bfloat16")
+    errs = _rel_err(narrow, reference), _rel_err(wide, reference)
+    print(f"bf16 logits vs float32 (float32 residual): 16-bit matmul outputs {errs[0]:.2e}, float32 {errs[1]:.2e}")
+    assert errs[1] < 0.9 * errs[0], errs

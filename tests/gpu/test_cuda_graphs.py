@@ -214,13 +214,13 @@ def test_bf16_graph_logits_of_gemma3_4b_shapes_match_float32():
           f"bf16 eager vs fp32: {['%.2e' % e for e in eager_errs]}")
     # Graphs add no error of their own: the graphed steps are as close to float32 as the eager ones.
     assert all(abs(g - e) < 2e-3 for g, e in zip(errs, eager_errs))
-    # bf16 is ~1.1e-2 away on these random weights with the float32 residual stream (H200,
-    # 2026-12-01: 1.10e-2..1.12e-2 graphed and eager alike; 1.22e-2..1.29e-2 while the embedding, RoPE
-    # tables, QK-norm and GELU were still rounded; 2.04e-2..2.10e-2 with a bf16 residual, as
-    # transformers keeps it). The rest is the 16-bit inputs and outputs of the matmuls
-    # (bench/bf16_error_attribution.py). 1.4e-2 catches a broken kernel (which lands at O(1)) and
-    # any of those roundings coming back.
-    assert max(errs) < 1.4e-2
+    # The bound. Measured on an H200 (2026-12-01): 8.6e-3..8.9e-3 graphed and eager alike,
+    # with float32 matmul outputs (gate_up's 16-bit in the 536-row prefill, as
+    # `set_matmul_out_dtype` keeps it); 1.10e-2..1.12e-2 with 16-bit outputs, 1.22e-2..1.29e-2 while
+    # the embedding, RoPE tables, QK-norm and GELU were still rounded, 2.04e-2..2.10e-2 with a bf16
+    # residual as transformers keeps it. What is left is the 16-bit matmul inputs and the bf16 KV
+    # cache (bench/bf16_error_attribution.py). A broken kernel lands at O(1).
+    assert max(errs) < 1e-2
 
 
 @pytest.mark.parametrize("generation", ["gemma2", "gemma3"])

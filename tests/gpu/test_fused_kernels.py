@@ -113,3 +113,39 @@ def test_qkv_to_cache(dtype, qk_norm, monkeypatch):
     untouched = torch.ones(8 * page, dtype=torch.bool, device=DEVICE)
     untouched[slots] = False
     assert k_cache.view(-1, kv_heads, dim)[untouched].abs().max() == 0
+
+
+def test_float32_matmul_outputs_are_rounded_once_on_the_way_out(monkeypatch):
+    """A 16-bit model whose matmuls return float32: gelu_mul, add_rms_norm and qkv_to_cache take the
+    float32 inputs and give 16-bit outputs (bf16 activations, a bf16 cache) as the PyTorch path does."""
+    needs_gpu(torch.bfloat16)
+    bf16 = torch.bfloat16
+    gate_up = randn(3, 2 * 10240, dtype=torch.float32, scale=2.0)
+    got = fk.gelu_mul(gate_up, bf16)
+    assert got.dtype == bf16
+    assert rel_err(got, reference(monkeypatch, lambda: fk.gelu_mul(gate_up, bf16))) < 1e-2
+    r, x = randn(3, 2560, dtype=torch.float32, seed=1), randn(3, 2560, dtype=torch.float32, seed=2)
+    wx, wo = randn(2560, dtype=torch.float32, scale=0.3, seed=3), randn(2560, dtype=torch.float32, scale=0.3, seed=4)
+    h, y = fk.add_rms_norm(r, x, wx, wo, 1e-6, bf16)
+    h_ref, y_ref = reference(monkeypatch, lambda: fk.add_rms_norm(r, x, wx, wo, 1e-6, bf16))
+    assert h.dtype == torch.float32 and y.dtype == bf16 and y_ref.dtype == bf16
+    assert rel_err(h, h_ref) < 1e-6 and rel_err(y, y_ref) < 1e-2
+    heads, kv_heads, dim = 8, 4, 256
+    qkv = randn(2, (heads + 2 * kv_heads) * dim, dtype=torch.float32)
+    qw, kw = randn(dim, dtype=torch.float32, scale=0.3, seed=5), randn(dim, dtype=torch.float32, scale=0.3, seed=6)
+    angles = torch.tensor([[3.0], [40.0]], device=DEVICE) * torch.linspace(0.01, 1.0, dim // 2, device=DEVICE)
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+    slots = torch.tensor([5, 17], device=DEVICE)
+
+    def run():
+        k_cache = torch.zeros(2, 16, kv_heads, dim, device=DEVICE, dtype=bf16)
+        v_cache = torch.zeros_like(k_cache)
+        return fk.qkv_to_cache(qkv, heads, kv_heads, dim, qw, kw, 1e-6, cos, sin, k_cache, v_cache, slots), k_cache, v_cache
+
+    (q, k_cache, v_cache), (q_ref, k_ref, v_ref) = run(), reference(monkeypatch, run)
+    assert q.dtype == bf16 and q_ref.dtype == bf16
+    # Rounded once from float32: the kernel and the PyTorch path agree to the last bit or one step.
+    assert rel_err(q, q_ref) < 1e-2 and rel_err(k_cache, k_ref) < 1e-2
+    assert torch.equal(v_cache, v_ref)
+    assert torch.equal(v_cache.view(-1, kv_heads, dim)[slots], qkv[:, (heads + kv_heads) * dim:].view(2, kv_heads, dim).to(bf16))

@@ -145,6 +145,72 @@ def test_int8_one_token_widenings_match_float64_reference(widen, n, k):
             assert err < (4e-3 if dtype == torch.bfloat16 else 1e-5), f"{widen} x~{magnitude} {cfg}: {err:.2e}"
 
 
+@pytest.mark.interpretable
+@pytest.mark.parametrize("weights", ["16-bit", "int8"])
+@pytest.mark.parametrize("inter,k", [(10240, 2560), (50, 72)] if ON_GPU else [(50, 72), (24, 2048)])
+def test_one_token_kernel_float32_outputs_and_gelu_epilogue(weights, inter, k):
+    """The one-token kernel's float32 outputs are its accumulators (the exact product up to float32
+    summation), and its GELU epilogue on a gate_up matrix gives what `gelu_mul` gives on those
+    outputs, rounded once (ragged K and odd channel counts included)."""
+    from gemma_serve.engine.fused_kernels import gelu_mul
+
+    # The interpreter takes fp16 (not bf16) 16-bit weights, and float32 activations for INT8.
+    dtype = torch.bfloat16 if ON_GPU else (torch.float16 if weights == "16-bit" else torch.float32)
+    gen = generator(inter + k)
+    w = torch.randn(2 * inter, k, device=DEVICE, generator=gen) * 0.02
+    if weights == "int8":
+        q, scale = quant.quantize_weight(w, "int8")
+        exact = q.double() * scale.double()[:, None]
+    else:
+        q, scale = w.to(dtype), None
+        exact = q.double()
+    x = torch.randn(1, k, device=DEVICE, generator=gen).to(dtype)
+    ref = x.double() @ exact.T
+    for cfg in (quant.one_token_config(2 * inter, k), quant.KernelConfig(1, 8, 128, 1, 4, 2),
+                quant.KernelConfig(1, 2, 512, 1, 4, 3)):
+        if weights == "int8" and ON_GPU and cfg.block_k > 512 and k % cfg.block_k:
+            continue
+        full = quant.triton_weight_only_linear(x, q, scale, cfg, out_dtype=torch.float32)
+        assert full.dtype == torch.float32 and full.shape == (1, 2 * inter)
+        assert rel_err(full, ref) < 1e-5, f"{cfg}: {rel_err(full, ref):.2e}"
+        fused = quant.triton_weight_only_linear(x, q, scale, cfg, gelu_mul=True)
+        assert fused.dtype == dtype and fused.shape == (1, inter)
+        unfused = gelu_mul(full, dtype)
+        # The same float32 values through the same GELU: equal, or one rounding step apart.
+        assert rel_err(fused, unfused) < (1e-6 if dtype == torch.float32 else 4e-3), cfg
+        gate, up = ref.chunk(2, dim=-1)
+        exact_out = torch.nn.functional.gelu(gate, approximate="tanh") * up
+        assert rel_err(fused, exact_out) < (1e-5 if dtype == torch.float32 else 4e-3), cfg
+
+
+def test_projections_return_float32_when_the_model_asks():
+    """`out_dtype` float32: the one-token kernel, the INT8 kernels and cuBLAS return unrounded
+    accumulators up to `out_dtype_max_rows` rows, and 16-bit outputs above; the fused GELU path
+    matches the projection followed by `gelu_mul`."""
+    from gemma_serve.engine.fused_kernels import gelu_mul
+
+    needs_gpu(torch.bfloat16)
+    gen = generator(5)
+    linear = nn.Linear(2560, 2 * 1024, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    nn.init.normal_(linear.weight, std=0.02, generator=gen)
+    one = quant.OneTokenLinear(2560, 2048, bias=False, device="meta")
+    one.weight = linear.weight
+    int8 = quant.QuantizedLinear.from_linear(linear, "int8")
+    for layer in (one, int8):
+        layer.out_dtype, layer.out_dtype_max_rows = torch.float32, 64
+    for rows in (1, 5, 64, 65):
+        x = torch.randn(rows, 2560, device=DEVICE, generator=gen).bfloat16()
+        for layer, exact in ((one, linear.weight.double()),
+                             (int8, int8.weight.double() * int8.scale.double()[:, None])):
+            y = layer(x)
+            ref = x.double() @ exact.T
+            assert y.dtype == (torch.float32 if rows <= 64 else torch.bfloat16), (layer, rows)
+            assert rel_err(y, ref) < (1e-5 if rows <= 64 else 4e-3), (layer, rows, rel_err(y, ref))
+            fused = quant.projected_gelu_mul(layer, x)
+            assert fused.dtype == torch.bfloat16
+            assert torch.equal(fused, gelu_mul(y, torch.bfloat16)) or rel_err(fused, gelu_mul(y, torch.bfloat16)) < 4e-3
+
+
 @pytest.mark.parametrize("method", methods())
 def test_quantized_linear_replays_in_a_cuda_graph(method):
     linear = nn.Linear(2560, 2560, bias=False, device="cuda", dtype=torch.bfloat16)

@@ -279,6 +279,74 @@ def int8_gemv_sweep(copy_gbps: float, layers: int) -> list[dict]:
     return rows
 
 
+def gemv_variants(copy_gbps: float, layers: int) -> list[dict]:
+    """One token through every layer's four projections, as a decode step runs them (qkv, o,
+    gate_up with its GELU, down), bf16 and INT8 weights: with the GELU kernel after gate_up, with
+    the GELU in gate_up's epilogue, and with float32 outputs too. Then each projection alone, and
+    gate_up with its GELU epilogue per tile shape."""
+    from gemma_serve.engine.fused_kernels import gelu_mul
+
+    xs = inputs(1)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for method in ("bf16", "int8"):
+        weights = make_weights(method, SHAPES, layers)
+        bound_us = weight_bytes(weights) / (copy_gbps * 1e9) * 1e6 / layers
+
+        def project(w, x, **kw):
+            q, s = (w, None) if method == "bf16" else w
+            n, k = q.shape
+            cfg = quant.one_token_config(n, k) if method == "bf16" else quant.kernel_config(1, n, k, sms)
+            return quant.triton_weight_only_linear(x, q, s, cfg, **kw)
+
+        def chain(fused: bool, out32: bool):
+            def run() -> None:
+                out = dict(out_dtype=torch.float32) if out32 else {}
+                for layer in weights:
+                    project(layer["qkv"], xs[2560], **out)
+                    project(layer["o"], xs[2048], **out)
+                    if fused:
+                        project(layer["gate_up"], xs[2560], gelu_mul=True)
+                    else:
+                        gelu_mul(project(layer["gate_up"], xs[2560], **out), torch.bfloat16)
+                    project(layer["down"], xs[10240], **out)
+            return run
+
+        variants = {"GELU kernel after gate_up": (False, False), "GELU in gate_up's epilogue": (True, False),
+                    "GELU in the epilogue, float32 outputs": (True, True)}
+        for label, flags in variants.items():
+            us = graph_ms(chain(*flags)) * 1e3 / layers
+            rows.append(dict(method=method, variant=label, us_per_layer=us, bound_us=bound_us))
+            print(f"{method:5s} layer of 4 projections, {label:38s} {us:6.1f} us/layer "
+                  f"({100 * bound_us / us:4.1f}% of copy bound {bound_us:.1f})", flush=True)
+        for name, (n, k) in SHAPES.items():
+            def one(name: str = name, k: int = k):
+                def run() -> None:
+                    for layer in weights:
+                        project(layer[name], xs[k])
+                return run
+            us = graph_ms(one()) * 1e3 / layers
+            rows.append(dict(method=method, variant=name, us_per_layer=us))
+            print(f"{method:5s} {name:8s} {us:6.1f} us", flush=True)
+        n, k = SHAPES["gate_up"]
+        for block_n, block_k, warps, stages in ((4, 512, 4, 3), (8, 512, 4, 2), (8, 512, 4, 3), (8, 512, 8, 2),
+                                                (16, 512, 8, 2), (8, 256, 4, 4), (2, 512, 4, 3)):
+            cfg = quant.KernelConfig(1, block_n, block_k, 1, warps, stages)
+
+            def fused_step(cfg: quant.KernelConfig = cfg):
+                def run() -> None:
+                    for layer in weights:
+                        q, s = (layer["gate_up"], None) if method == "bf16" else layer["gate_up"]
+                        quant.triton_weight_only_linear(xs[k], q, s, cfg, gelu_mul=True)
+                return run
+            us = graph_ms(fused_step()) * 1e3 / layers
+            rows.append(dict(method=method, variant=f"gate_up+GELU {cfg}", us_per_layer=us))
+            print(f"{method:5s} gate_up+GELU {block_n}x{block_k} w{warps} s{stages} {us:6.1f} us", flush=True)
+        weights.clear()
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", default="1,16,64,256", help="rows (decode batch sizes) to time")
@@ -289,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only: one token on bf16 weights, cuBLAS against the Triton one-token kernel")
     parser.add_argument("--int8-gemv", action="store_true",
                         help="only: one token on INT8 weights, the one-token kernel's widenings and tile shapes")
+    parser.add_argument("--gemv-variants", action="store_true",
+                        help="only: one token through each layer's projections, one change of the kernel at a time")
     parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -303,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
                     "layers": args.layers, "stack": []}
     print(f"device {report['device']}: copy {copy:.0f} GB/s (read+write); {args.layers} layers x "
           f"{', '.join(f'{k} {n}x{kk}' for k, (n, kk) in SHAPES.items())}", flush=True)
-    if args.bf16_gemv or args.int8_gemv:
+    if args.bf16_gemv or args.int8_gemv or args.gemv_variants:
+        if args.gemv_variants:
+            report["gemv_variants"] = gemv_variants(copy, args.layers)
         if args.bf16_gemv:
             report["bf16_gemv"] = bf16_gemv_sweep(copy, args.layers)
         if args.int8_gemv:

@@ -74,15 +74,15 @@ if triton is not None:
     def _rms_norm_kernel(X, W, Y, rows_per_t, stride_t, stride_r, eps, DIM: tl.constexpr, BLOCK: tl.constexpr,
                          PDL: tl.constexpr = False):
         """One row of x ([T, R, DIM] with strided T and R) per program; float32 inside."""
-        pdl_wait(PDL)
         row = tl.program_id(0)
         t = row // rows_per_t
         r = row % rows_per_t
         cols = tl.arange(0, BLOCK)
         mask = cols < DIM
+        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: read before the wait
+        pdl_wait(PDL)
         x = tl.load(X + t.to(tl.int64) * stride_t + r * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
-        w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
         y = (x * inv) * (1.0 + w)
         tl.store(Y + row.to(tl.int64) * DIM + cols, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -90,14 +90,18 @@ if triton is not None:
     def _add_rms_norm_kernel(X, R, WX, WO, H, Y, stride_x, stride_r, eps, DIM: tl.constexpr, BLOCK: tl.constexpr,
                              NORM_X: tl.constexpr, NORM_OUT: tl.constexpr, PDL: tl.constexpr = False):
         """h = r + norm(x) (or r + x), rounded; y = norm(h). One row per program."""
-        pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < DIM
+        # The norm weights are read before the wait: no kernel writes them.
+        if NORM_X:
+            wx = tl.load(WX + cols, mask=mask, other=0.0).to(tl.float32)
+        if NORM_OUT:
+            wo = tl.load(WO + cols, mask=mask, other=0.0).to(tl.float32)
+        pdl_wait(PDL)
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         if NORM_X:
             inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
-            wx = tl.load(WX + cols, mask=mask, other=0.0).to(tl.float32)
             x = ((x * inv) * (1.0 + wx)).to(H.dtype.element_ty).to(tl.float32)
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         h = (r + x).to(H.dtype.element_ty)
@@ -105,7 +109,6 @@ if triton is not None:
         if NORM_OUT:
             h = h.to(tl.float32)
             inv = tl.math.rsqrt(tl.sum(h * h, axis=0) / DIM + eps)
-            wo = tl.load(WO + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(Y + row * DIM + cols, ((h * inv) * (1.0 + wo)).to(Y.dtype.element_ty), mask=mask)
 
     # libdevice's tanh is the one PyTorch's GELU uses; Triton's interpreter (CPU checks) lacks it.
@@ -121,34 +124,40 @@ if triton is not None:
             return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
     @triton.jit
+    def gelu_tanh_mul(gate, up):
+        """gelu_tanh(gate) * up in float32, as PyTorch's tanh GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x +
+        0.044715 x^3))). Shared by the kernel below and the one-token GEMV's gate_up epilogue."""
+        gate = gate.to(tl.float32)
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        return 0.5 * gate * (1.0 + _tanh(inner)) * up.to(tl.float32)
+
+    @triton.jit
     def _gelu_mul_kernel(GU, O, inter, stride_gu, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
         """out[t, i] = gelu_tanh(gate[t, i]) * up[t, i], gate and up the halves of one gate_up row."""
         pdl_wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < inter
-        gate = tl.load(GU + t * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(GU + t * stride_gu + inter + cols, mask=mask, other=0.0).to(tl.float32)
-        # As PyTorch's tanh GELU: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), times up in float32.
-        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        g = 0.5 * gate * (1.0 + _tanh(inner))
-        tl.store(O + t * inter + cols, (g * up).to(O.dtype.element_ty), mask=mask)
+        gate = tl.load(GU + t * stride_gu + cols, mask=mask, other=0.0)
+        up = tl.load(GU + t * stride_gu + inter + cols, mask=mask, other=0.0)
+        tl.store(O + t * inter + cols, gelu_tanh_mul(gate, up).to(O.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _qkv_to_cache_kernel(QKV, QW, KW, COS, SIN, SLOT, Q, KC, VC, stride_qkv, stride_cos, eps,
                              HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr,
                              QK_NORM: tl.constexpr, PDL: tl.constexpr = False):
         """One (token, head) per program, heads ordered q..., k..., v...: q and k get QK-norm then
-        rotary (float32, rounded once); k and v go to the token's cache slot."""
-        pdl_wait(PDL)
+        rotary (float32, rounded once); k and v go to the token's cache slot. qkv may be float32 (a
+        matmul's unrounded output) or the caches' dtype; q is written in Q's."""
         t = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1)
         cols = tl.arange(0, DIM)
         base = QKV + t * stride_qkv + j * DIM
+        # Before the wait: what the qkv projection (the kernel before this one) does not write. The
+        # norm weights, and the RoPE tables and slots, made at the start of the step.
+        slot = tl.load(SLOT + t).to(tl.int64)
         if j < HEADS + KV_HEADS:
             partner = (cols + HALF) % DIM
-            x = tl.load(base + cols).to(tl.float32)
-            xp = tl.load(base + partner).to(tl.float32)
             if QK_NORM:
                 if j < HEADS:
                     w = tl.load(QW + cols).to(tl.float32)
@@ -156,20 +165,23 @@ if triton is not None:
                 else:
                     w = tl.load(KW + cols).to(tl.float32)
                     wp = tl.load(KW + partner).to(tl.float32)
+            c = tl.load(COS + t * stride_cos + cols).to(tl.float32)
+            s = tl.load(SIN + t * stride_cos + cols).to(tl.float32)
+            pdl_wait(PDL)
+            x = tl.load(base + cols).to(tl.float32)
+            xp = tl.load(base + partner).to(tl.float32)
+            if QK_NORM:
                 inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
                 x = (x * inv) * (1.0 + w)
                 xp = (xp * inv) * (1.0 + wp)
             rotated = tl.where(cols < HALF, -xp, xp)
-            c = tl.load(COS + t * stride_cos + cols).to(tl.float32)
-            s = tl.load(SIN + t * stride_cos + cols).to(tl.float32)
-            y = (x * c + rotated * s).to(Q.dtype.element_ty)
+            y = x * c + rotated * s
             if j < HEADS:
-                tl.store(Q + (t * HEADS + j) * DIM + cols, y)
+                tl.store(Q + (t * HEADS + j) * DIM + cols, y.to(Q.dtype.element_ty))
             else:
-                slot = tl.load(SLOT + t).to(tl.int64)
                 tl.store(KC + (slot * KV_HEADS + (j - HEADS)) * DIM + cols, y.to(KC.dtype.element_ty))
         else:
-            slot = tl.load(SLOT + t).to(tl.int64)
+            pdl_wait(PDL)
             v = tl.load(base + cols)
             tl.store(VC + (slot * KV_HEADS + (j - HEADS - KV_HEADS)) * DIM + cols, v.to(VC.dtype.element_ty))
 
@@ -196,19 +208,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
 
 
 def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, x_weight: torch.Tensor | None,
-                 out_weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 out_weight: torch.Tensor | None, eps: float,
+                 out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(h, y): h = residual + rms_norm(x, x_weight) (residual + x when x_weight is None), and
     y = rms_norm(h, out_weight) (None when out_weight is None). [T, dim] inputs. h has the residual's
-    dtype, y x's: with a float32 residual stream the sum is not rounded to 16 bits, and the next
-    matmul still gets 16-bit inputs."""
+    dtype, y `out_dtype` (default x's): with a float32 residual stream the sum is not rounded to 16
+    bits, x may be a matmul's float32 output, and the next matmul still gets 16-bit inputs."""
+    out_dtype = out_dtype or x.dtype
     if not use_triton(x) or x.stride(-1) != 1 or residual.stride(-1) != 1 or x.dim() != 2:
         # As the kernel: norm(x) is rounded to the residual's dtype only (not first to x's).
         normed = rms_norm_reference(x, x_weight, eps, residual.dtype) if x_weight is not None else x
         h = residual + normed.to(residual.dtype)
-        return h, (rms_norm_reference(h, out_weight, eps).to(x.dtype) if out_weight is not None else None)
+        return h, (rms_norm_reference(h, out_weight, eps, out_dtype) if out_weight is not None else None)
     t, dim = x.shape
     h = torch.empty_like(residual, memory_format=torch.contiguous_format)
-    y = torch.empty(h.shape, dtype=x.dtype, device=h.device) if out_weight is not None else None
+    y = torch.empty(h.shape, dtype=out_dtype, device=h.device) if out_weight is not None else None
     if t:
         block = triton.next_power_of_2(dim)
         _add_rms_norm_kernel[(t,)](x, residual, x_weight if x_weight is not None else x,
@@ -219,14 +233,16 @@ def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, x_weight: torch.Tensor
     return h, y
 
 
-def gelu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gelu_tanh(gate) * up for gate_up = [gate | up] of shape [T, 2 * inter]."""
+def gelu_mul(gate_up: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """gelu_tanh(gate) * up for gate_up = [gate | up] of shape [T, 2 * inter], in float32, rounded
+    once to `out_dtype` (default gate_up's; gate_up may be a matmul's float32 output)."""
+    out_dtype = out_dtype or gate_up.dtype
     if not use_triton(gate_up) or gate_up.stride(-1) != 1 or gate_up.dim() != 2:
         gate, up = gate_up.float().chunk(2, dim=-1)
-        return (F.gelu(gate, approximate="tanh") * up).to(gate_up.dtype)
+        return (F.gelu(gate, approximate="tanh") * up).to(out_dtype)
     t, width = gate_up.shape
     inter = width // 2
-    out = torch.empty(t, inter, dtype=gate_up.dtype, device=gate_up.device)
+    out = torch.empty(t, inter, dtype=out_dtype, device=gate_up.device)
     if t:
         block = 1024
         _gelu_mul_kernel[(t, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0), BLOCK=block,
@@ -239,11 +255,11 @@ def qkv_to_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim:
                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
     """Split the qkv projection [T, (H + 2 KV) D], apply QK-norm (when the weights are given) and
     rotary to q and k (cos/sin [T, 1, D], float32 or the activations' dtype), write k and v to the cache at
-    `slot_mapping`. Returns q [T, H, D]."""
+    `slot_mapping`. Returns q [T, H, D] in the cache's dtype. qkv may be float32 over a 16-bit
+    cache (a matmul's unrounded output): q, k and v are then rounded once, on the way out."""
     tokens = qkv.shape[0]
     fits = (use_triton(qkv) and qkv.stride(-1) == 1 and not head_dim & (head_dim - 1) and cos.stride(-1) == 1
-            and sin.stride() == cos.stride() and k_cache.is_contiguous() and v_cache.is_contiguous()
-            and k_cache.dtype == qkv.dtype)
+            and sin.stride() == cos.stride() and k_cache.is_contiguous() and v_cache.is_contiguous())
     if not fits:
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -252,10 +268,10 @@ def qkv_to_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim:
         v = v.view(tokens, num_kv_heads, head_dim)
         if q_norm is not None:  # float32 into RoPE, as the kernel
             q, k = rms_norm(q, q_norm, eps, torch.float32), rms_norm(k, k_norm, eps, torch.float32)
-        q, k = apply_rotary(q, cos, sin, qkv.dtype), apply_rotary(k, cos, sin, qkv.dtype)
+        q, k = apply_rotary(q, cos, sin, k_cache.dtype), apply_rotary(k, cos, sin, k_cache.dtype)
         write_kv(k_cache, v_cache, k, v, slot_mapping)
         return q
-    q = torch.empty(tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    q = torch.empty(tokens, num_heads, head_dim, dtype=k_cache.dtype, device=qkv.device)
     if tokens:
         qk_norm = q_norm is not None
         _qkv_to_cache_kernel[(tokens, num_heads + 2 * num_kv_heads)](

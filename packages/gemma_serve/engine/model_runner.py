@@ -6,6 +6,7 @@ features in a small cache, so an image seen again is not encoded again."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -196,6 +197,9 @@ class ModelRunner:
             raise ValueError(f"unknown load_format {config.load_format!r}; use auto or random")
         # From the loaded (or random) float weights; the KV cache below gets the memory this frees.
         quantize_model(self.model, config.quantization)
+        # GEMMA_FLOAT32_MATMUL_OUTPUTS=0 keeps them 16-bit under the float32 residual, for comparison.
+        if self.model.residual_dtype == torch.float32 and os.environ.get("GEMMA_FLOAT32_MATMUL_OUTPUTS", "1") == "1":
+            self.model.set_matmul_out_dtype(torch.float32)
         self.model.eval()
         self.mm = MultimodalConfig.from_folder(folder)
         self.vision: VisionEncoder | None = None

@@ -4,9 +4,16 @@ A decode step at batch 1 is ~170 kernels in a row, most of them a few microsecon
 between two of them the GPU drains one grid before it ramps up the next. Launched with PDL, a
 kernel's programs are scheduled while the previous kernel's last programs still run; they wait on
 the device (`griddepcontrol.wait`) until that kernel has finished and its writes are visible, and
-then let the kernel after them be scheduled the same way. Every kernel waits before it reads or
-writes anything, so the order of memory effects is the stream's. Kernels not launched this way
-(cuBLAS, PyTorch's own) keep the plain stream order. GEMMA_PDL=0 turns it off, for comparison.
+then let the kernel after them be scheduled the same way. Kernels not launched this way (cuBLAS,
+PyTorch's own) keep the plain stream order. GEMMA_PDL=0 turns it off, for comparison.
+
+What a kernel may touch before its wait: nothing it writes, and only what the kernel directly
+before it does not write. Because every kernel lets its successor be scheduled only after its own
+wait, all kernels before the previous one have finished by the time a kernel starts; so weights,
+and tensors made before the step's previous kernel (RoPE tables, slot mappings, block tables), may
+be read early. The norms read their weights and `qkv_to_cache` its tables and slots that way.
+(Reading the one-token GEMV's first weight tile, or asking L2 for its weights, before the wait
+measured slower on an H200: docs/benchmarks.md, fifth run.)
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ if triton is not None:
 
     @triton.jit
     def pdl_wait(PDL: tl.constexpr):
-        """A kernel's first statement: wait for the kernel before it (PDL launches only), then let
-        the kernel after it be scheduled."""
+        """Wait for the kernel before it (PDL launches only), then let the kernel after it be
+        scheduled. Before it: at most reads of what the previous kernel does not write."""
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+

@@ -38,12 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gemma_serve.engine.fused_kernels import gelu_mul
 from gemma_serve.engine.pdl import pdl_launch
 
 try:  # CUDA builds of PyTorch ship Triton; CPU-only installs use the PyTorch path alone.
     import triton
     import triton.language as tl
 
+    from gemma_serve.engine.fused_kernels import gelu_tanh_mul
     from gemma_serve.engine.pdl import pdl_wait
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
@@ -104,9 +106,54 @@ def dequantize_weight(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.d
     return qweight.to(dtype) * scale.to(dtype)[:, None]
 
 
+def output_dtype(x: torch.Tensor, wanted: torch.dtype | None, max_rows: int | None = None) -> torch.dtype:
+    """The dtype a projection of x returns: `wanted` (float32 for a 16-bit model whose layers keep
+    matmul outputs unrounded) for up to `max_rows` rows (None: any number), else x's."""
+    if wanted is None or (max_rows is not None and x.numel() > max_rows * x.shape[-1]):
+        return x.dtype
+    return wanted
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T in `out_dtype`. A float32 output from 16-bit operands is the
+    float32 accumulator unrounded: cuBLAS's `out_dtype` on CUDA, float32 operands elsewhere (16-bit
+    products are exact in float32, so both are the same sum)."""
+    if out_dtype == x.dtype:
+        return F.linear(x, weight)
+    if x.is_cuda:
+        y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=out_dtype)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x.to(out_dtype), weight.to(out_dtype))
+
+
+@dataclass(frozen=True)
+class OneTokenPlan:
+    """The one-token kernel's arguments for a projection (see `projected_gelu_mul`)."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None
+    config: KernelConfig
+
+
+def projected_gelu_mul(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up of x's gate_up projection by `linear` ([2 * inter, K], gate rows then up
+    rows), in x's dtype. One token on CUDA: one kernel, the one-token GEMV with the GELU in its
+    epilogue (the gate_up output never goes to memory). Otherwise the projection (float32 when the
+    layer asks for it) and `fused_kernels.gelu_mul`, rounded once either way."""
+    plan = linear.one_token_plan(x) if isinstance(linear, (OneTokenLinear, QuantizedLinear)) else None
+    if FUSED_GELU and plan is not None and plan.config.split_k == 1 and plan.config.block_n % 2 == 0:
+        return triton_weight_only_linear(x, plan.weight, plan.scale, plan.config, gelu_mul=True)
+    return gelu_mul(linear(x), x.dtype)
+
+
 class QuantizedLinear(nn.Module):
     """A bias-free linear layer with an 8-bit weight [out_features, in_features] and a float32 scale
-    per output feature, both buffers (they are state, not trainable parameters)."""
+    per output feature, both buffers (they are state, not trainable parameters). `out_dtype`: the
+    outputs' dtype when set, for inputs of up to `out_dtype_max_rows` rows (see `output_dtype`);
+    otherwise the input's."""
+
+    out_dtype: torch.dtype | None = None
+    out_dtype_max_rows: int | None = None
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
@@ -125,18 +172,30 @@ class QuantizedLinear(nn.Module):
         return "int8" if self.weight.dtype == torch.int8 else "fp8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return weight_only_linear(x, self.weight, self.scale)
+        return weight_only_linear(x, self.weight, self.scale, output_dtype(x, self.out_dtype, self.out_dtype_max_rows))
+
+    def one_token_plan(self, x: torch.Tensor) -> OneTokenPlan | None:
+        if not (_triton_rows(x) and x.numel() == x.shape[-1]):
+            return None
+        n, k = self.weight.shape
+        return OneTokenPlan(self.weight, self.scale, kernel_config(1, n, k, _num_sms(x.device.index or 0)))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.method}"
 
 
-def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ (qweight [N, K] * scale[:, None]).T -> [..., N] in x's dtype."""
-    if (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and x.numel() // max(1, x.shape[-1]) <= TRITON_MAX_ROWS):
-        return triton_weight_only_linear(x, qweight, scale)
-    return F.linear(x, dequantize_weight(qweight, scale, x.dtype))
+def _triton_rows(x: torch.Tensor) -> bool:
+    """Whether the weight-only kernels take x: 16-bit activations on CUDA, up to TRITON_MAX_ROWS rows."""
+    return (triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and x.numel() <= TRITON_MAX_ROWS * x.shape[-1])
+
+
+def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [..., K] @ (qweight [N, K] * scale[:, None]).T -> [..., N] in `out_dtype` (default x's)."""
+    if _triton_rows(x):
+        return triton_weight_only_linear(x, qweight, scale, out_dtype=out_dtype)
+    return matmul(x, dequantize_weight(qweight, scale, x.dtype), out_dtype or x.dtype)
 
 
 class OneTokenLinear(nn.Linear):
@@ -144,17 +203,28 @@ class OneTokenLinear(nn.Linear):
     run on the Triton one-token kernel: on an H200 it streams Gemma 3 4B's projections at 69-92% of
     the copy rate where cuBLAS reaches 40-87% (`quant_bench --bf16-gemv`, docs/benchmarks.md).
     Everything else (more tokens, CPU, float32) is `F.linear` as before. GEMMA_ONE_TOKEN_GEMV=0
-    keeps cuBLAS everywhere, for comparison."""
+    keeps cuBLAS everywhere, for comparison. `out_dtype`, `out_dtype_max_rows`: as `QuantizedLinear`'s."""
+
+    out_dtype: torch.dtype | None = None
+    out_dtype_max_rows: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (ONE_TOKEN_GEMV and triton is not None and x.is_cuda and x.dtype == self.weight.dtype
+        out_dtype = output_dtype(x, self.out_dtype, self.out_dtype_max_rows)
+        plan = self.one_token_plan(x)
+        if plan is not None:
+            return triton_weight_only_linear(x, plan.weight, None, plan.config, out_dtype=out_dtype)
+        return matmul(x, self.weight, out_dtype)
+
+    def one_token_plan(self, x: torch.Tensor) -> OneTokenPlan | None:
+        if not (ONE_TOKEN_GEMV and triton is not None and x.is_cuda and x.dtype == self.weight.dtype
                 and x.dtype in (torch.bfloat16, torch.float16) and x.numel() == x.shape[-1]):
-            n, k = self.weight.shape
-            return triton_weight_only_linear(x, self.weight, None, one_token_config(n, k))
-        return F.linear(x, self.weight)
+            return None
+        return OneTokenPlan(self.weight, None, one_token_config(*self.weight.shape))
 
 
 ONE_TOKEN_GEMV = os.environ.get("GEMMA_ONE_TOKEN_GEMV", "1") == "1"
+# gate_up's GELU in the one-token kernel's epilogue; GEMMA_FUSED_GELU=0 runs the GELU kernel after it.
+FUSED_GELU = os.environ.get("GEMMA_FUSED_GELU", "1") == "1"
 
 
 def one_token_config(n: int, k: int) -> KernelConfig:
@@ -195,22 +265,26 @@ def model_weight_count(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, method: str) -> None:
+def quantize_model(model: nn.Module, method: str, out_dtype: torch.dtype | None = None) -> None:
     """Replace the decoder layers' linear layers by `QuantizedLinear`s, one at a time so the extra
     memory is one matrix in float32; freed float weights go back to the device. Without
-    quantization they become `OneTokenLinear`s on the same weights."""
+    quantization they become `OneTokenLinear`s on the same weights. `out_dtype`: the swapped
+    layers' output dtype (float32: unrounded accumulators, see `output_dtype`), default the input's."""
     if method == "none":
         for parent, name, linear in _layer_linears(model):
             if type(linear) is nn.Linear and linear.bias is None:
                 one = OneTokenLinear(linear.in_features, linear.out_features, bias=False, device="meta")
                 one.weight = linear.weight
+                one.out_dtype = out_dtype
                 setattr(parent, name, one)
         return
     before = model_weight_bytes(model)
     linears = _layer_linears(model)
     float_bytes = sum(lin.weight.numel() * lin.weight.element_size() for _, _, lin in linears)
     for parent, name, linear in linears:
-        setattr(parent, name, QuantizedLinear.from_linear(linear, method))
+        swapped = QuantizedLinear.from_linear(linear, method)
+        swapped.out_dtype = out_dtype
+        setattr(parent, name, swapped)
         del linear
     device = next(model.buffers()).device
     if device.type == "cuda":
@@ -345,21 +419,30 @@ if triton is not None:
     @triton.jit
     def _weight_only_gemv_kernel(X, W, S, OUT, N, K, stride_wn, stride_split, split_k, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WIDEN: tl.constexpr,
-                                 HAS_SCALE: tl.constexpr = True, PDL: tl.constexpr = False):
+                                 HAS_SCALE: tl.constexpr = True, GELU_MUL: tl.constexpr = False,
+                                 PDL: tl.constexpr = False):
         """One token: OUT[split][n] = scale[n] * sum over this split's K of x[k] * W[n, k], on the FMA
         units (a matrix unit would idle 15 of its 16 rows). Weights go straight from memory to
         registers; the products accumulate per lane and are summed across K once, at the end.
-        Without HAS_SCALE the weights are 16-bit floats used as they are."""
-        pdl_wait(PDL)
+        Without HAS_SCALE the weights are 16-bit floats used as they are.
+        GELU_MUL (split_k 1): W is a gate_up matrix [2N, K]; each program takes BLOCK_N / 2 gate rows
+        and the up rows of the same channels, and stores gelu_tanh(gate) * up [N]: the gate_up
+        output never goes to memory, and the GELU kernel is not launched."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        lane = tl.arange(0, BLOCK_N)
+        if GELU_MUL:  # rows gate c, up c, gate c + 1, up c + 1, ...
+            offs_n = pid_n * (BLOCK_N // 2) + lane // 2
+            rows = (offs_n % N).to(tl.int64) + (lane % 2) * N
+        else:
+            offs_n = pid_n * BLOCK_N + lane
+            rows = (offs_n % N).to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
-        rows = (offs_n % N).to(tl.int64)
         k_tiles = tl.cdiv(K, BLOCK_K)
         per_split = tl.cdiv(k_tiles, split_k)
         first = pid_k * per_split
         last = tl.minimum(first + per_split, k_tiles)
+        pdl_wait(PDL)
         w_ptrs = W + rows[:, None] * stride_wn + (first * BLOCK_K + offs_k)[None, :]
         x_ptrs = X + first * BLOCK_K + offs_k
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -387,7 +470,12 @@ if triton is not None:
             y = y * _SUM_DOWN - 128.0 * tl.sum(x_sum, axis=0)
         if HAS_SCALE:
             y = y * tl.load(S + rows)
-        tl.store(OUT + pid_k * stride_split + offs_n, y.to(OUT.dtype.element_ty), mask=offs_n < N)
+        if GELU_MUL:
+            gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
+            offs_c = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            tl.store(OUT + offs_c, gelu_tanh_mul(gate, up).to(OUT.dtype.element_ty), mask=offs_c < N)
+        else:
+            tl.store(OUT + pid_k * stride_split + offs_n, y.to(OUT.dtype.element_ty), mask=offs_n < N)
 
     @triton.jit(do_not_specialize=["M"])
     def _weight_only_matmul_kernel(X, W, S, OUT, M, N, K, stride_xm, stride_wn, stride_om, stride_split, split_k,
@@ -468,10 +556,14 @@ if triton is not None:
 
 
 def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor | None,
-                              config: KernelConfig | None = None, int8_gemv_widen: int | None = None) -> torch.Tensor:
+                              config: KernelConfig | None = None, int8_gemv_widen: int | None = None,
+                              out_dtype: torch.dtype | None = None, gelu_mul: bool = False) -> torch.Tensor:
     """The Triton path of `weight_only_linear` (x bf16/fp16, qweight int8 or fp8 e4m3 [N, K] with
     contiguous rows, scale float32 [N]). Static shapes for a given x: CUDA-graph capturable.
     scale None: qweight is a 16-bit float matrix, multiplied as it is (one token only).
+    out_dtype: the output's (default x's; float32 keeps the accumulators unrounded).
+    gelu_mul (one token): qweight is a gate_up matrix [2 * inter, K]; returns gelu_tanh(gate) * up
+    [..., inter] (rounded once to out_dtype), as `fused_kernels.gelu_mul` of the product.
     int8_gemv_widen: how the one-token kernel widens INT8 weights (a `_WIDEN_INT8*`; benchmarks)."""
     k = x.shape[-1]
     n = qweight.shape[0]
@@ -479,13 +571,16 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    n_out = n // 2 if gelu_mul else n
+    y = torch.empty((m, n_out), dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
-        return y.reshape(*x.shape[:-1], n)
+        return y.reshape(*x.shape[:-1], n_out)
     cfg = config or kernel_config(m, n, k, _num_sms(x.device.index or 0))
     widen = _WIDEN_CONVERT
     if scale is None and (cfg.block_m != 1 or qweight.element_size() != 2):
         raise ValueError("a weight without scales (16-bit floats) runs on the one-token kernel only")
+    if gelu_mul and (cfg.block_m != 1 or cfg.split_k != 1 or cfg.block_n % 2 or n % 2):
+        raise ValueError(f"gelu_mul runs on the one-token kernel without K splits, on an even output width: {cfg}")
     if x.dtype == torch.bfloat16 and scale is not None:
         widen = _WIDEN_INT8 if qweight.dtype == torch.int8 else _WIDEN_FP8
     # Splits cover whole K tiles, so only a ragged last tile needs masks.
@@ -497,11 +592,11 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
     if cfg.block_m == 1:
         if m != 1:
             raise ValueError(f"the one-token kernel (block_m 1) got {m} rows")
-        _weight_only_gemv_kernel[(grid[0], grid[2])](x2, qweight, scale, out, n, k, qweight.stride(0), m * n,
+        _weight_only_gemv_kernel[(grid[0], grid[2])](x2, qweight, scale, out, n_out, k, qweight.stride(0), m * n,
                                                      cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                                      EVEN_K=even_k, WIDEN=widen, HAS_SCALE=scale is not None,
-                                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                                                     **pdl_launch(x2))
+                                                     GELU_MUL=gelu_mul, num_warps=cfg.num_warps,
+                                                     num_stages=cfg.num_stages, **pdl_launch(x2))
     else:
         _weight_only_matmul_kernel[grid](x2, qweight, scale, out, m, n, k, x2.stride(0), qweight.stride(0), n,
                                          m * n, cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -511,4 +606,4 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](out, y, m * n, SPLIT_K=cfg.split_k, BLOCK=block,
                                                           num_warps=4, **pdl_launch(x2))
-    return y.reshape(*x.shape[:-1], n)
+    return y.reshape(*x.shape[:-1], n_out)

@@ -12,14 +12,19 @@ small operations between the matmuls are the fused ones of `fused_kernels` (one 
 
 from __future__ import annotations
 
+import os
+
 import torch
-import torch.nn.functional as F
 from gemma_serve.engine.attention import AttentionMetadata, paged_attention
-from gemma_serve.engine.fused_kernels import add_rms_norm, apply_rotary, gelu_mul, qkv_to_cache, rms_norm
+from gemma_serve.engine.fused_kernels import add_rms_norm, apply_rotary, qkv_to_cache, rms_norm
 from gemma_serve.engine.model_config import ModelConfig
+from gemma_serve.engine.quantization import matmul, output_dtype, projected_gelu_mul
 from torch import nn
 
 __all__ = ["GemmaLayer", "GemmaModel", "RMSNorm", "RotaryTable", "apply_rotary"]
+
+# Steps of up to this many rows get gate_up's output in float32 (see `GemmaModel.set_matmul_out_dtype`).
+GATE_UP_FLOAT32_MAX_ROWS = int(os.environ.get("GEMMA_GATE_UP_FLOAT32_MAX_ROWS", "256"))
 
 
 class RMSNorm(nn.Module):
@@ -93,6 +98,9 @@ class GemmaLayer(nn.Module):
         tokens = hidden.shape[0]
         if self.sliding:
             meta = meta.for_window()  # this layer's K/V live in the window pool, when there is one
+        # The projections return float32 (their unrounded accumulators) when the model asks for it
+        # (`GemmaModel.matmul_out_dtype`); the kernels after them round once, to `act`.
+        act = normed.dtype
         qkv = self.qkv_proj(normed)
         q = qkv_to_cache(qkv, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                          self.q_norm.weight if cfg.qk_norm else None, self.k_norm.weight if cfg.qk_norm else None,
@@ -102,12 +110,12 @@ class GemmaLayer(nn.Module):
         eps = cfg.rms_norm_eps
         if cfg.sandwich_norms:
             hidden, x = add_rms_norm(hidden, attn, self.post_attention_layernorm.weight,
-                                     self.pre_feedforward_layernorm.weight, eps)
+                                     self.pre_feedforward_layernorm.weight, eps, act)
         else:  # Gemma 1: post_attention_layernorm is the pre-MLP norm
-            hidden, x = add_rms_norm(hidden, attn, None, self.post_attention_layernorm.weight, eps)
-        mlp = self.down_proj(gelu_mul(self.gate_up_proj(x)))
+            hidden, x = add_rms_norm(hidden, attn, None, self.post_attention_layernorm.weight, eps, act)
+        mlp = self.down_proj(projected_gelu_mul(self.gate_up_proj, x))
         post = self.post_feedforward_layernorm.weight if cfg.sandwich_norms else None
-        return add_rms_norm(hidden, mlp, post, next_norm.weight if next_norm is not None else None, eps)
+        return add_rms_norm(hidden, mlp, post, next_norm.weight if next_norm is not None else None, eps, act)
 
 
 class GemmaModel(nn.Module):
@@ -122,6 +130,24 @@ class GemmaModel(nn.Module):
         # The residual stream's dtype; None: the weights' (ModelRunner sets float32 for 16-bit models
         # unless EngineConfig.float32_residual is off).
         self.residual_dtype: torch.dtype | None = None
+        # The matmuls' output dtype, None: their inputs' (see `set_matmul_out_dtype`).
+        self.matmul_out_dtype: torch.dtype | None = None
+
+    def set_matmul_out_dtype(self, dtype: torch.dtype | None) -> None:
+        """float32: the projections and the LM head of a 16-bit model return their float32
+        accumulators unrounded, and the kernels after them round once. In bf16 each of these five
+        roundings added about as much error to the logits as any other, and float32 outputs take
+        the logits of Gemma 3 4B's shapes from 1.16e-2 to 8.6e-3 from float32 in the CPU emulation
+        (bench/bf16_error_attribution.py). gate_up's output, 8x wider than the others, stays 16-bit
+        in steps of more than GATE_UP_FLOAT32_MAX_ROWS rows (long prefill chunks): there it cost
+        13% of the matmul's time on an H200 (bench/mm_out_dtype_probe.py), and rounding it on the
+        prompt's rows alone moves the emulated error by 1e-4. Call after `quantize_model`, which
+        makes the layers' projections."""
+        self.matmul_out_dtype = dtype
+        for layer in self.layers:
+            for proj in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                proj.out_dtype = dtype
+            layer.gate_up_proj.out_dtype_max_rows = GATE_UP_FLOAT32_MAX_ROWS
 
     def init_non_weights(self) -> None:
         """Recompute what the checkpoint does not hold (RoPE tables), e.g. after `to_empty`."""
@@ -161,7 +187,7 @@ class GemmaModel(nn.Module):
             next_norm = self.layers[i + 1].input_layernorm if i < last else None
             hidden, normed = layer(hidden, normed, cos, sin, k_cache, v_cache, meta, next_norm)
         hidden = self.norm(hidden[logits_indices], act_dtype)
-        logits = F.linear(hidden, weight).float()  # tied output embedding
+        logits = matmul(hidden, weight, output_dtype(hidden, self.matmul_out_dtype)).float()  # tied embedding
         if self.cfg.final_logit_softcapping is not None:
             cap = self.cfg.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
