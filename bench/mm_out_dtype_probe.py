@@ -1,7 +1,21 @@
-import torch, time
+"""cuBLAS bf16 matmuls with bf16 against float32 outputs (`torch.mm(..., out_dtype=torch.float32)`) on
+Gemma 3 4B's projection shapes, in CUDA graphs: time and error against float32.
+
+    PYTHONPATH=packages python3 bench/mm_out_dtype_probe.py [--full]
+"""
+import sys
+import time
+
+import torch
+
 print(torch.__version__, torch.cuda.get_device_name())
 dev = "cuda"
-for m, n, k in [(1, 262144, 2560), (1, 20480, 2560), (5, 4096, 2560), (256, 20480, 2560), (8192, 20480, 2560), (8192, 2560, 10240)]:
+SHAPES = [(1, 262144, 2560), (1, 20480, 2560), (5, 4096, 2560), (256, 20480, 2560), (8192, 20480, 2560),
+          (8192, 2560, 10240)]
+if "--full" in sys.argv:  # every projection at prefill and decode sizes
+    SHAPES = [(m, n, k) for m in (8192, 2048, 256, 64) for n, k in ((4096, 2560), (2560, 2048), (20480, 2560),
+                                                                    (2560, 10240))]
+for m, n, k in SHAPES:
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
     try:

@@ -55,7 +55,7 @@ class ServingSettings(BaseModel):
     sliding_window_kv: bool = True
     # Launch a graphed decode step before the previous step's tokens are read (engine/llm_engine.py).
     overlap_steps: bool = True
-    # 16-bit models carry the residual stream in float32 (engine/models/gemma.py).
+    # 16-bit models carry the residual stream and the matmul outputs in float32 (engine/models/gemma.py).
     float32_residual: bool = True
     # Where the engine runs. "triton": in tritonserver, reached over gRPC (the product). "inprocess":
     # in this process behind the same API pipeline, no Triton hop (`serve --direct`, the benchmark's

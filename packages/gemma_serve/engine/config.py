@@ -41,8 +41,9 @@ class EngineConfig:
     # keeps every layer's whole context (one pool). Only used when the window < max_model_len.
     sliding_window_kv: bool = True
     # 16-bit models: carry the residual stream (the sum every layer adds to) in float32, so the
-    # 34-odd additions are not each rounded to 8 significant bits; the matmuls still get 16-bit
-    # inputs. False: the residual in the model's dtype, as transformers does.
+    # 34-odd additions are not each rounded to 8 significant bits, and the matmuls return their
+    # float32 accumulators (GemmaModel.set_matmul_out_dtype); the matmuls still get 16-bit inputs.
+    # False: the residual and the matmul outputs in the model's dtype, as transformers does.
     float32_residual: bool = True
     # Capture decode steps as CUDA graphs (CUDA only).
     cuda_graphs: bool = True
