@@ -38,6 +38,8 @@ class ServingSettings(BaseModel):
     dtype: str = "auto"
     # Weight-only, per-output-channel scales; "fp8" needs a GPU of compute capability 8.9+.
     quantization: Literal["none", "int8", "fp8"] = "none"
+    # With int8 / fp8: the tied embedding / LM head is quantized too (engine/quantization.py).
+    quantize_lm_head: bool = True
     # "random": real shapes from config.json, random weights (GPU benchmarks without downloads).
     load_format: Literal["auto", "random"] = "auto"
     block_size: int = Field(16, ge=1)

@@ -1,15 +1,21 @@
 """Weight-only quantization on CPU (the PyTorch path; the Triton kernel is checked on a GPU in
-tests/gpu/test_quantization.py): per-channel round trip, the quantized linear layer against the float
-one, an INT8 engine on the tiny models against the float32 engine, and clear errors at engine start."""
+tests/gpu/test_quantization.py): per-channel round trip, the quantized linear layer and embedding
+table against the float ones, an INT8 engine on the tiny models (with and without the embedding / LM
+head quantized) against the float32 and bf16 engines and against its own dequantized weights, and
+clear errors at engine start."""
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
 from gemma_serve.engine import quantization as quant
-from gemma_serve.engine.quantization import QuantizedLinear, dequantize_weight, quantize_weight
+from gemma_serve.engine.models.gemma import TiedEmbedding
+from gemma_serve.engine.quantization import QuantizedEmbedding, QuantizedLinear, dequantize_weight, quantize_weight
 from gemma_serve.engine.sampling_params import SamplingParams
 from gemma_serve.settings import ServingSettings
+from gemma_serve.triton.repository import engine_config
 from torch import nn
 
 from .conftest import engine_for, prompt
@@ -70,44 +76,138 @@ def test_quantized_linear_matches_float_linear_within_the_rounding_bound(method)
     assert rel_err(out, linear(x).detach()) < (1e-2 if method == "int8" else 5e-2)
 
 
-def test_quantize_model_swaps_the_layer_matrices_and_keeps_the_embedding(checkpoints, caplog):
+@pytest.mark.parametrize("method", ["int8", "fp8"])
+def test_quantized_embedding_lookup_is_the_dequantized_rows(method):
+    table = nn.Embedding(50, 24)
+    with torch.no_grad():
+        table.weight.copy_(random_weight(50, 24, 4) * 25)
+    emb = QuantizedEmbedding.from_embedding(table, method, rows_per_chunk=7)
+    # Quantized 7 rows at a time: the same as the whole table at once (one scale per row).
+    q, scale = quantize_weight(table.weight, method)
+    assert emb.weight.dtype == q.dtype and torch.equal(emb.weight.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(emb.scale, scale) and emb.dtype == torch.float32
+    ids = torch.tensor([[3, 0, 49], [3, 17, 1]])  # repeats, the all-zero row 0, the outlier row 1, the last
+    for dtype in (torch.float32, torch.bfloat16):
+        rows = emb.lookup(ids, dtype)
+        assert rows.shape == (2, 3, 24) and rows.dtype == dtype
+        assert torch.equal(rows, dequantize_weight(q, scale, dtype)[ids])
+    assert torch.equal(emb(ids), emb.lookup(ids, torch.float32))
+    # The LM head: the dequantized table's product, also where it is dequantized 7 rows at a time.
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(5))
+    logits = emb.project(x)
+    assert logits.shape == (5, 50) and logits.dtype == torch.float32
+    assert torch.allclose(logits, x @ dequantize_weight(q, scale, torch.float32).T, rtol=1e-6, atol=1e-6)
+    whole = QuantizedEmbedding(emb.weight, emb.scale, emb.dtype, rows_per_chunk=50)
+    assert torch.allclose(whole.project(x), logits, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("lm_head", [True, False])
+def test_quantize_model_swaps_the_layer_matrices_and_the_embedding_table(checkpoints, caplog, lm_head):
     folder, _ = checkpoints["gemma3"]
     caplog.set_level(logging.INFO, logger="gemma_serve.engine.quantization")
-    engine = engine_for(folder, quantization="int8")
+    engine = engine_for(folder, quantization="int8", quantize_lm_head=lm_head)
     model = engine.runner.model
     swapped = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     assert len(swapped) == 4 * len(model.layers)  # qkv, o, gate_up, down in every layer
     assert not any(isinstance(m, nn.Linear) for m in model.layers.modules())
-    assert model.embed_tokens.weight.dtype == torch.float32
     assert "int8 weight-only quantization of 16 linear layers" in caplog.text
     float_model = engine_for(folder).runner.model
+    vocab, hidden = float_model.embed_tokens.weight.shape
+    if lm_head:
+        table = model.embed_tokens
+        assert isinstance(table, QuantizedEmbedding) and table.dtype == torch.float32
+        assert table.weight.dtype == torch.int8 and table.weight.shape == (vocab, hidden)
+        assert table.scale.dtype == torch.float32 and table.scale.shape == (vocab,)
+        assert "embed_tokens.weight" not in dict(model.named_parameters())  # stored once, as a buffer
+        assert "and the embedding" in caplog.text and "embedding / LM head" in caplog.text
+    else:
+        assert type(model.embed_tokens) is TiedEmbedding and model.embed_tokens.weight.dtype == torch.float32
+        assert torch.equal(model.embed_tokens.weight, float_model.embed_tokens.weight)
+        assert "the embedding stays in the model's dtype" in caplog.text
     linear_bytes = sum(m.weight.numel() * 4 for m in float_model.layers.modules() if isinstance(m, nn.Linear))
-    # float32 -> int8: the linear layers shrink 4x (plus a float32 scale per output channel).
+    # float32 -> int8: the linear layers (and the table) shrink 4x, plus a float32 scale per output
+    # channel (per vocabulary row).
     saved = quant.model_weight_bytes(float_model) - quant.model_weight_bytes(model)
     scales = sum(m.scale.numel() * 4 for m in model.modules() if isinstance(m, QuantizedLinear))
-    assert saved == linear_bytes * 3 // 4 - scales
+    expected = linear_bytes * 3 // 4 - scales
+    if lm_head:
+        expected += vocab * hidden * 3 - vocab * 4
+    assert saved == expected
     assert quant.model_weight_count(model) == quant.model_weight_count(float_model)
 
+    # The float table is freed once quantized (the KV cache is sized from free memory next).
+    table_ref = weakref.ref(float_model.embed_tokens.weight)
+    quant.quantize_model(float_model, "int8", lm_head=lm_head)
+    gc.collect()
+    assert (table_ref() is None) == lm_head
+    assert quant.model_weight_bytes(float_model) == quant.model_weight_bytes(model)
 
+
+def _dequantized_into(float_engine, model: nn.Module) -> None:
+    """Copy `model`'s quantized weights, dequantized, into the float engine's matching weights."""
+    float_model = float_engine.runner.model
+    targets = dict(float_model.named_modules())
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, (QuantizedLinear, QuantizedEmbedding)):
+                target = targets[name].weight
+                target.copy_(dequantize_weight(m.weight, m.scale, target.dtype))
+
+
+@pytest.mark.parametrize("lm_head", [True, False])
+def test_int8_engine_computes_its_dequantized_weights_exactly(checkpoints, lm_head):
+    """On CPU an INT8 engine is the float32 engine with the dequantized weights, bit for bit: the
+    embedding lookup reads the dequantized rows, and the LM head and the layers multiply by the
+    dequantized matrices. Without `quantize_lm_head` the table is the float one, as before."""
+    folder, _ = checkpoints["gemma2"]  # final logit soft-capping included
+    int8 = engine_for(folder, quantization="int8", quantize_lm_head=lm_head, max_num_batched_tokens=16)
+    assert isinstance(int8.runner.model.embed_tokens, QuantizedEmbedding) == lm_head
+    dequantized = engine_for(folder)
+    _dequantized_into(dequantized, int8.runner.model)
+    p = prompt(3, 29)
+    for chunk in (64, 1):
+        assert torch.equal(engine_logits(int8, p, chunk), engine_logits(dequantized, p, chunk)), chunk
+
+
+@pytest.mark.parametrize("lm_head", [True, False])
 @pytest.mark.parametrize("generation", ["gemma1", "gemma2", "gemma3"])
-def test_int8_engine_logits_and_greedy_tokens_match_float32(checkpoints, generation):
+def test_int8_engine_logits_and_greedy_tokens_match_float32(checkpoints, generation, lm_head):
     folder, _ = checkpoints[generation]
     reference = engine_for(folder)
-    int8 = engine_for(folder, quantization="int8", max_num_batched_tokens=16)
+    int8 = engine_for(folder, quantization="int8", quantize_lm_head=lm_head, max_num_batched_tokens=16)
     p = torch.randint(5, 300, (37,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = engine_logits(reference, p, 64)
     # Prefill and decode paths alike: whole prompt and token by token.
     for chunk in (64, 1):
         ours = engine_logits(int8, p, chunk)
-        # Measured 6.6e-3 (Gemma 3) to 8.6e-3 (Gemma 1) on these weights; fp8 lands at 3e-2.
+        # Measured on these weights: 6.6e-3 (Gemma 3) to 8.6e-3 (Gemma 1) with the layers quantized,
+        # 1.11e-2 to 1.29e-2 with the embedding / LM head too (its rows of 64 values round by up to
+        # half of 1/127 of their absmax, as the layers' do); fp8 lands at 3e-2.
         assert rel_err(ours, ref) < 2e-2
     params = SamplingParams(max_tokens=16, temperature=0.0)
     ours = int8.generate([prompt(2, 21)], params)[0]
     expected = reference.generate([prompt(2, 21)], params)[0]
     assert len(ours) == 16
-    # The same 16 tokens were measured; the first few are asserted (flat random logits may tie later).
+    # Measured: the same 16 tokens with the layers quantized; with the table too, the first 16 / 14 /
+    # 8 (Gemma 1 / 2 / 3). The first few are asserted (flat random logits may tie later).
     assert ours[:4] == expected[:4]
     assert int8.block_manager.num_free_blocks == int8.block_manager.num_blocks
+
+
+def test_int8_bf16_engine_logits_match_bf16_and_float32(checkpoints):
+    """The bf16 model with INT8 weights and table: bf16 activations (and the float32 residual)."""
+    folder, _ = checkpoints["gemma3"]
+    p = prompt(1, 37)
+    float32 = engine_logits(engine_for(folder), p, 64)
+    bf16 = engine_logits(engine_for(folder, dtype="bfloat16"), p, 64)
+    int8 = engine_for(folder, quantization="int8", dtype="bfloat16", max_num_batched_tokens=16)
+    assert isinstance(int8.runner.model.embed_tokens, QuantizedEmbedding)
+    assert int8.runner.model.embed_tokens.dtype == torch.bfloat16
+    for chunk in (64, 1):
+        ours = engine_logits(int8, p, chunk)
+        # Measured 1.23e-2 from bf16 and 1.26e-2 from float32 (bf16 alone: 4.2e-3 from float32).
+        assert rel_err(ours, bf16) < 2e-2 and rel_err(ours, float32) < 2e-2, chunk
+        assert float((ours.argmax(-1) == float32.argmax(-1)).float().mean()) >= 0.9
 
 
 def test_fp8_on_cpu_is_refused_at_engine_start(checkpoints):
@@ -130,14 +230,22 @@ def test_settings_accept_the_engine_methods(monkeypatch):
         ServingSettings(quantization="int4")
 
 
+def test_quantize_lm_head_reaches_the_engine_config():
+    assert engine_config(ServingSettings(quantization="int8")).quantize_lm_head is True
+    settings = ServingSettings.load({"quantization": "int8"}, environ={"GEMMA_SERVE_QUANTIZE_LM_HEAD": "false"})
+    assert engine_config(settings).quantize_lm_head is False
+
+
 def test_kernel_config_picks_the_one_token_kernel_and_splits_k_only_for_few_tiles():
     sms = 132
-    # Gemma 3 4B decode shapes (N, K): qkv, o_proj, gate_up, down.
-    shapes = ((4096, 2560), (2560, 2048), (20480, 2560), (2560, 10240), (100, 72))
+    # Gemma 3 4B decode shapes (N, K): qkv, o_proj, gate_up, down, the LM head (vocabulary 262,144).
+    shapes = ((4096, 2560), (2560, 2048), (20480, 2560), (2560, 10240), (262144, 2560), (100, 72))
     for n, k in shapes:
         one = quant.kernel_config(1, n, k, sms)
         assert one.block_m == 1 and one.split_k == 1  # thousands of narrow programs, no split needed
         assert k % one.block_k == 0 or k < one.block_k  # no ragged K tile on the real shapes
+    for m in (1, 16, 64, 256):  # the LM head's 262,144 outputs make tiles enough without K splits
+        assert quant.kernel_config(m, 262144, 2560, sms).split_k == 1
     down = quant.kernel_config(8, 2560, 10240, sms)
     assert down.split_k > 1 and (2560 // down.block_n) * down.split_k >= 2 * sms
     assert quant.kernel_config(8, 20480, 2560, sms).split_k == 1

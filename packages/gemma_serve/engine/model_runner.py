@@ -196,7 +196,7 @@ class ModelRunner:
         else:
             raise ValueError(f"unknown load_format {config.load_format!r}; use auto or random")
         # From the loaded (or random) float weights; the KV cache below gets the memory this frees.
-        quantize_model(self.model, config.quantization)
+        quantize_model(self.model, config.quantization, lm_head=config.quantize_lm_head)
         # GEMMA_FLOAT32_MATMUL_OUTPUTS=0 keeps them 16-bit under the float32 residual, for comparison.
         if self.model.residual_dtype == torch.float32 and os.environ.get("GEMMA_FLOAT32_MATMUL_OUTPUTS", "1") == "1":
             self.model.set_matmul_out_dtype(torch.float32)

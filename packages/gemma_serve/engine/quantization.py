@@ -1,10 +1,15 @@
-"""Weight-only quantization of the decoder's linear layers: INT8 (any device) and FP8 e4m3 (CUDA,
-compute capability 8.9+), one scale per output channel.
+"""Weight-only quantization of the decoder's linear layers and of the tied embedding / LM head: INT8
+(any device) and FP8 e4m3 (CUDA, compute capability 8.9+), one scale per output channel.
 
 `quantize_model` swaps every `nn.Linear` of the decoder layers (fused QKV, output projection, fused
 gate/up, down projection) for a `QuantizedLinear` that holds the 8-bit matrix [N, K] and a float32
-scale [N]; the embedding, tied to the output projection, stays in the model's dtype. The model code
-does not know: it calls its projections as before.
+scale [N]. The embedding table [vocab, hidden], tied to the output projection, becomes a
+`QuantizedEmbedding`: stored once in 8 bits with one scale per vocabulary row (per output channel of
+the LM head), read by the input embedding lookup (the rows of the step's tokens, dequantized) and by
+the LM head (the whole table, through the same matmul as the layers). For Gemma 3 4B that table is
+1.34 GB of bf16, 17% of the weights a decode step reads. `quantize_model(..., lm_head=False)`
+(`EngineConfig.quantize_lm_head`) keeps it in the model's dtype. The model code does not know: it
+calls its projections, and its table's `lookup` and `project`, as before.
 
 The matmul keeps the activations in their dtype and the weights in 8 bits in memory:
 
@@ -198,6 +203,68 @@ def weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     return matmul(x, dequantize_weight(qweight, scale, x.dtype), out_dtype or x.dtype)
 
 
+# Rows of an embedding table quantized, or dequantized for the framework's matmul, at a time: all of
+# Gemma 3's 262,144 x 2560 table would be a 2.7 GB float32 temporary (1.34 GB in bf16, every step).
+TABLE_ROWS_PER_CHUNK = 16384
+
+
+class QuantizedEmbedding(nn.Module):
+    """A tied embedding table [vocab, hidden] in 8 bits with a float32 scale per row (per token's
+    embedding, which is per output channel of the LM head), both buffers. It serves the table's two
+    uses: `lookup` (input embeddings) and `project` (logits). `dtype`: the float table's, which the
+    model's activations keep."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                 rows_per_chunk: int = TABLE_ROWS_PER_CHUNK) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = qweight.shape
+        self.dtype = dtype
+        self.rows_per_chunk = rows_per_chunk
+        self.register_buffer("weight", qweight)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    @torch.no_grad()
+    def from_embedding(cls, embedding: nn.Embedding, method: str,
+                       rows_per_chunk: int = TABLE_ROWS_PER_CHUNK) -> QuantizedEmbedding:
+        """`quantize_weight` of the table, `rows_per_chunk` rows at a time (each row has its own
+        scale, so the result is the same), so the extra memory is a chunk in float32, not the table."""
+        table = embedding.weight
+        qweight = torch.empty(table.shape, dtype=_storage_dtype(method), device=table.device)
+        scale = torch.empty(table.shape[0], dtype=torch.float32, device=table.device)
+        for start in range(0, table.shape[0], rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            qweight[rows], scale[rows] = quantize_weight(table[rows], method)
+        return cls(qweight, scale, table.dtype, rows_per_chunk)
+
+    @property
+    def method(self) -> str:
+        return "int8" if self.weight.dtype == torch.int8 else "fp8"
+
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The rows `ids` of the table in `dtype` [*ids.shape, hidden]: `dequantize_weight` of those
+        rows. Gathered as bytes: older PyTorch builds do not index float8 tensors (CUDA since 2.7)."""
+        flat = ids.reshape(-1)
+        rows = self.weight.view(torch.uint8)[flat].view(self.weight.dtype)
+        return dequantize_weight(rows, self.scale[flat], dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """As `nn.Embedding`: the rows in the float table's dtype."""
+        return self.lookup(ids, self.dtype)
+
+    def project(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The LM head: x [..., hidden] @ table.T -> [..., vocab] in `out_dtype` (default x's), by
+        `weight_only_linear`. Where that dequantizes (off the Triton path: CPU, float32, more than
+        TRITON_MAX_ROWS rows), it does so `rows_per_chunk` vocabulary rows at a time."""
+        if _triton_rows(x) or self.num_embeddings <= self.rows_per_chunk:
+            return weight_only_linear(x, self.weight, self.scale, out_dtype)
+        chunks = zip(self.weight.split(self.rows_per_chunk), self.scale.split(self.rows_per_chunk))
+        return torch.cat([weight_only_linear(x, q, s, out_dtype) for q, s in chunks], dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.method}"
+
+
 class OneTokenLinear(nn.Linear):
     """A bias-free linear layer with 16-bit weights whose one-token products (decode at batch 1)
     run on the Triton one-token kernel: on an H200 it streams Gemma 3 4B's projections at 69-92% of
@@ -240,7 +307,8 @@ def one_token_config(n: int, k: int) -> KernelConfig:
 
 def _layer_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     """(parent, attribute, linear) of every linear layer in the decoder layers. Only `model.layers`:
-    the embedding (tied output projection) and anything outside the decoder stay as they are."""
+    the embedding (tied output projection) has its own module, and anything outside the decoder
+    stays as it is."""
     found = []
     for module in model.layers.modules():
         for name, child in module.named_children():
@@ -249,27 +317,35 @@ def _layer_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     return found
 
 
+def _bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _quantized(model: nn.Module) -> list[QuantizedLinear | QuantizedEmbedding]:
+    return [m for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))]
+
+
 def model_weight_bytes(model: nn.Module) -> int:
-    """Bytes of every weight the forward reads: parameters plus quantized matrices and their scales."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            total += m.weight.numel() * m.weight.element_size() + m.scale.numel() * m.scale.element_size()
-    return total
+    """Bytes of every weight the forward reads: parameters plus quantized matrices (the embedding
+    table included, counted once: the LM head reads all of it) and their scales."""
+    return sum(_bytes(p) for p in model.parameters()) + sum(_bytes(m.weight) + _bytes(m.scale)
+                                                           for m in _quantized(model))
 
 
 def model_weight_count(model: nn.Module) -> int:
     """Weights (multiply-adds per token): parameters plus the entries of quantized matrices."""
-    return sum(p.numel() for p in model.parameters()) + sum(
-        m.weight.numel() for m in model.modules() if isinstance(m, QuantizedLinear))
+    return sum(p.numel() for p in model.parameters()) + sum(m.weight.numel() for m in _quantized(model))
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, method: str, out_dtype: torch.dtype | None = None) -> None:
+def quantize_model(model: nn.Module, method: str, out_dtype: torch.dtype | None = None, *,
+                   lm_head: bool = True) -> None:
     """Replace the decoder layers' linear layers by `QuantizedLinear`s, one at a time so the extra
-    memory is one matrix in float32; freed float weights go back to the device. Without
-    quantization they become `OneTokenLinear`s on the same weights. `out_dtype`: the swapped
-    layers' output dtype (float32: unrounded accumulators, see `output_dtype`), default the input's."""
+    memory is one matrix in float32; freed float weights go back to the device. With `lm_head`,
+    also the tied embedding table `model.embed_tokens` (an `nn.Embedding`) by a `QuantizedEmbedding`,
+    and the float table is freed. Without quantization the linear layers become `OneTokenLinear`s
+    on the same weights and the table stays. `out_dtype`: the swapped layers' output dtype (float32:
+    unrounded accumulators, see `output_dtype`), default the input's."""
     if method == "none":
         for parent, name, linear in _layer_linears(model):
             if type(linear) is nn.Linear and linear.bias is None:
@@ -280,21 +356,36 @@ def quantize_model(model: nn.Module, method: str, out_dtype: torch.dtype | None 
         return
     before = model_weight_bytes(model)
     linears = _layer_linears(model)
-    float_bytes = sum(lin.weight.numel() * lin.weight.element_size() for _, _, lin in linears)
-    for parent, name, linear in linears:
+    count = len(linears)
+    float_bytes = sum(_bytes(lin.weight) for _, _, lin in linears)
+    # Popped, so that no list holds a float layer once it is swapped: each is freed before the next
+    # is quantized, and all of them before `empty_cache` below.
+    while linears:
+        parent, name, linear = linears.pop()
         swapped = QuantizedLinear.from_linear(linear, method)
         swapped.out_dtype = out_dtype
         setattr(parent, name, swapped)
         del linear
+    table_note = "; the embedding stays in the model's dtype"
+    if lm_head:
+        table = model.embed_tokens
+        if not isinstance(table, nn.Embedding):
+            raise TypeError(f"model.embed_tokens is a {type(table).__name__}, not an nn.Embedding: "
+                            f"the table is quantized once, from its float weights")
+        table_bytes = _bytes(table.weight)
+        model.embed_tokens = QuantizedEmbedding.from_embedding(table, method)
+        del table
+        quantized = model.embed_tokens
+        table_note = (f"; embedding / LM head {table_bytes / 1e9:.2f} GB -> "
+                      f"{(_bytes(quantized.weight) + _bytes(quantized.scale)) / 1e9:.2f} GB")
     device = next(model.buffers()).device
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the KV cache is sized from free memory next
     after = model_weight_bytes(model)
-    quant_bytes = sum(m.weight.numel() * m.weight.element_size() + m.scale.numel() * 4
-                      for m in model.modules() if isinstance(m, QuantizedLinear))
-    logger.info("%s weight-only quantization of %d linear layers: weights %.2f GB -> %.2f GB "
-                "(linear layers %.2f GB -> %.2f GB)", method, len(linears), before / 1e9, after / 1e9,
-                float_bytes / 1e9, quant_bytes / 1e9)
+    quant_bytes = sum(_bytes(m.weight) + _bytes(m.scale) for m in model.modules() if isinstance(m, QuantizedLinear))
+    logger.info("%s weight-only quantization of %d linear layers%s: weights %.2f GB -> %.2f GB "
+                "(linear layers %.2f GB -> %.2f GB%s)", method, count, " and the embedding" if lm_head else "",
+                before / 1e9, after / 1e9, float_bytes / 1e9, quant_bytes / 1e9, table_note)
 
 
 # -- the CUDA kernel -------------------------------------------------------------------------------

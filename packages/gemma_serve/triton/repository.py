@@ -43,6 +43,7 @@ def engine_config(settings: ServingSettings) -> EngineConfig:
         max_queue_len=settings.max_queue_len,
         enable_prefix_caching=settings.enable_prefix_caching,
         quantization=settings.quantization,
+        quantize_lm_head=settings.quantize_lm_head,
         load_format=settings.load_format,
         cuda_graphs=settings.cuda_graphs,
         prefill_cuda_graphs=settings.prefill_cuda_graphs,

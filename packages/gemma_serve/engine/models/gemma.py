@@ -2,8 +2,9 @@
 
 What differs between generations is data in `ModelConfig`: sandwich norms around attention and MLP
 (2, 3), QK-norm (3), attention and final logit soft-capping (2), sliding-window layers with their own
-RoPE base (2, 3), linear RoPE scaling of global layers (3). Plain `nn.Linear` layers, so the
-quantization module can swap them without the model knowing.
+RoPE base (2, 3), linear RoPE scaling of global layers (3). Plain `nn.Linear` layers, and a tied
+embedding table used through `lookup` and `project`, so the quantization module can swap them
+without the model knowing.
 
 The forward takes a flattened batch: all sequences' new tokens concatenated, with their positions
 and the paged-attention metadata, and returns logits only for the rows that will be sampled. The
@@ -21,7 +22,7 @@ from gemma_serve.engine.model_config import ModelConfig
 from gemma_serve.engine.quantization import matmul, output_dtype, projected_gelu_mul
 from torch import nn
 
-__all__ = ["GemmaLayer", "GemmaModel", "RMSNorm", "RotaryTable", "apply_rotary"]
+__all__ = ["GemmaLayer", "GemmaModel", "RMSNorm", "RotaryTable", "TiedEmbedding", "apply_rotary"]
 
 # Steps of up to this many rows get gate_up's output in float32 (see `GemmaModel.set_matmul_out_dtype`).
 GATE_UP_FLOAT32_MAX_ROWS = int(os.environ.get("GEMMA_GATE_UP_FLOAT32_MAX_ROWS", "256"))
@@ -37,6 +38,23 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
         return rms_norm(x, self.weight, self.eps, out_dtype)
+
+
+class TiedEmbedding(nn.Embedding):
+    """The token embedding table [vocab, hidden], which is also the output projection (Gemma ties
+    them). `lookup` and `project` are its two uses; `quantization.QuantizedEmbedding`, which
+    `quantize_model` may put in its place, has the same ones."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The table's dtype, which the model's activations keep."""
+        return self.weight.dtype
+
+    def lookup(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self(ids).to(dtype)
+
+    def project(self, x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        return matmul(x, self.weight, out_dtype)
 
 
 class RotaryTable(nn.Module):
@@ -122,7 +140,8 @@ class GemmaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # A `TiedEmbedding`, or a `quantization.QuantizedEmbedding` after `quantize_model`.
+        self.embed_tokens = TiedEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(GemmaLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rope_global = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, max_positions)
@@ -149,6 +168,25 @@ class GemmaModel(nn.Module):
                 proj.out_dtype = dtype
             layer.gate_up_proj.out_dtype_max_rows = GATE_UP_FLOAT32_MAX_ROWS
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The scaled embeddings of `input_ids` [T] -> [T, hidden], in the residual stream's dtype.
+        Embeddings are scaled by sqrt(hidden), the scale rounded to the activations' dtype as in
+        training (a host float, no tensor made per step). A float32 residual stream takes the table's
+        rows widened and the product unrounded (the first layer's input: in bf16 its rounding moved
+        the logits as much as one matmul's)."""
+        act_dtype = self.embed_tokens.dtype
+        scale = torch.tensor(self.cfg.hidden_size ** 0.5, dtype=act_dtype).item()
+        return self.embed_tokens.lookup(input_ids, self.residual_dtype or act_dtype) * scale
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Normed rows [N, hidden] -> float32 logits [N, vocab]: the tied table's projection (its
+        float32 accumulators with `matmul_out_dtype`), soft-capped where the model caps."""
+        logits = self.embed_tokens.project(hidden, output_dtype(hidden, self.matmul_out_dtype)).float()
+        if self.cfg.final_logit_softcapping is not None:
+            cap = self.cfg.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     def init_non_weights(self) -> None:
         """Recompute what the checkpoint does not hold (RoPE tables), e.g. after `to_empty`."""
         self.rope_global.init_tables()
@@ -161,14 +199,8 @@ class GemmaModel(nn.Module):
         [len(logits_indices), vocab] for the rows that sample; the other rows skip the final norm and
         the vocabulary projection. `image_embeds` [R, hidden] replace the embeddings of rows
         `image_rows` [R] (Gemma 3's image soft tokens)."""
-        weight = self.embed_tokens.weight
-        # Embeddings are scaled by sqrt(hidden), the scale rounded to the weights' dtype as in training.
-        # A host float (no tensor made per step), equal to the rounded scale.
-        scale = torch.tensor(self.cfg.hidden_size ** 0.5, dtype=weight.dtype).item()
-        act_dtype = weight.dtype
-        # A float32 residual stream takes the scaled embedding unrounded (the first layer's input:
-        # in bf16 its rounding moved the logits as much as one matmul's).
-        hidden = self.embed_tokens(input_ids).to(self.residual_dtype or act_dtype) * scale
+        act_dtype = self.embed_tokens.dtype
+        hidden = self.embed(input_ids)
         if image_embeds is not None:
             # As Gemma3Model: the text embeddings are scaled, the projected image features replace the
             # placeholders' embeddings as they are (the vision projector's output is not scaled).
@@ -186,9 +218,4 @@ class GemmaModel(nn.Module):
             cos, sin = (cos_l, sin_l) if layer.sliding else (cos_g, sin_g)
             next_norm = self.layers[i + 1].input_layernorm if i < last else None
             hidden, normed = layer(hidden, normed, cos, sin, k_cache, v_cache, meta, next_norm)
-        hidden = self.norm(hidden[logits_indices], act_dtype)
-        logits = matmul(hidden, weight, output_dtype(hidden, self.matmul_out_dtype)).float()  # tied embedding
-        if self.cfg.final_logit_softcapping is not None:
-            cap = self.cfg.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return self.lm_head(self.norm(hidden[logits_indices], act_dtype))
