@@ -238,6 +238,10 @@ def run_long_context(base: dict, requests: int = 64, prompt_len: int = 16_384, o
     return rows
 
 
+# Suffix of a --quantization entry whose engine keeps the embedding / LM head in bf16.
+HEAD16 = ":head16"
+
+
 def run_decode_workloads(engine: LLMEngine, ceil: Ceilings, wanted: set[str], w2_requests: int) -> list[WorkloadResult]:
     """W1 and W2 on one engine, each with the bound of that engine's weight bytes."""
     vocab = engine.runner.model_config.vocab_size
@@ -277,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", default="W1,W2,W3")
     parser.add_argument("--w2-requests", type=int, default=1024)
     parser.add_argument("--quantization", default="none,int8",
-                        help="engines to run W1 and W2 on, in order: none (bf16), int8, fp8 (compute 8.9+)")
+                        help="engines to run W1 and W2 on, in order: none (bf16), int8, fp8 (compute 8.9+); "
+                             f"with '{HEAD16}' (e.g. int8{HEAD16}) the embedding / LM head stays bf16")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -296,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     report["engines"] = {}
     for i, quantization in enumerate(quantizations):
         t = time.perf_counter()
+        method = quantization.removesuffix(HEAD16)
         engine = LLMEngine(EngineConfig(model=args.model, load_format=args.load_format, device="cuda",
                                         dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=8192,
-                                        max_model_len=1024, max_queue_len=1 << 20, quantization=quantization))
+                                        max_model_len=1024, max_queue_len=1 << 20, quantization=method,
+                                        quantize_lm_head=not quantization.endswith(HEAD16)))
         start_s = time.perf_counter() - t
         report["engines"][quantization] = {"start_s": start_s, "weight_bytes": _param_bytes(engine),
                                            "kv_blocks": engine.runner.num_blocks,
@@ -309,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"engine quantization={quantization}: weights {_param_bytes(engine) / 1e9:.2f} GB, "
               f"{engine.runner.num_blocks} KV blocks ({engine.runner.num_window_blocks} more for sliding-window "
               f"layers), started in {start_s:.1f} s", flush=True)
-        rows.extend(run_decode_workloads(engine, ceil, wanted, args.w2_requests))
+        for r in run_decode_workloads(engine, ceil, wanted, args.w2_requests):
+            r.quantization = quantization  # the engine's label, LM head suffix included
+            rows.append(r)
         if i == 0 and "W3" in wanted:
             vocab = engine.runner.model_config.vocab_size
             w3_prompts = _prompts(128, 128, vocab, 3)
