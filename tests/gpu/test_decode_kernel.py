@@ -1,9 +1,7 @@
 """The paged decode kernel (`attention.paged_decode`) against the PyTorch path: GQA, head_dim up to
 256, sliding windows, soft-capping, float32 and bf16 caches, CUDA cores and tensor cores; and the
-same bits whatever the grid (sized by the longest context allowed), whether one program runs per
-leaf or per node, and whether the decode kernel merges the units itself or the combine kernel does.
-Without a GPU the float32 cases run in Triton's interpreter (one program after another: the last
-program in grid order merges, so the merge's logic is checked, not its concurrency)."""
+same bits whatever the grid (sized by the longest context allowed) and whether one program runs per
+leaf or per node. Without a GPU the float32 cases run in Triton's interpreter."""
 
 import pytest
 import torch
@@ -63,36 +61,3 @@ def test_paged_decode_kernel_matches_pytorch_path(dtype, tensor_cores, heads, kv
         for key, out in outs.items():
             if key[0] == node_len:
                 assert torch.equal(out, first), key
-
-
-@pytest.mark.parametrize("dtype,tensor_cores", [(torch.float32, False), (torch.bfloat16, True)])
-@pytest.mark.parametrize("window", [None, 37])
-def test_fused_combine_gives_the_combine_kernels_bits(dtype, tensor_cores, window):
-    """The decode kernel's last program of each (sequence, KV head) merges the row's units as the
-    combine kernel does: the same bits in leaf and node mode, for batches whose rows leave many of
-    the grid's units empty, and every counter back at zero afterwards. Leaves of 16 keys in nodes of
-    256: two loads of 8 leaves per node; a group of 3 heads (padded to 4)."""
-    needs_gpu(dtype, tensor_cores)
-    heads, kv_heads, dim, page, node_len, max_len = 6, 2, 16, 16, 256, 600
-    gen = generator(7)
-    k_cache = torch.randn(128, page, kv_heads, dim, device=DEVICE, generator=gen).to(dtype)
-    v_cache = torch.randn(128, page, kv_heads, dim, device=DEVICE, generator=gen).to(dtype)
-    tiles = attention.KernelTiles(0, 16, 4, 1)
-    for ctx in ([300], [1, 17, 257, 70], [5, 512, 65]):
-        lens = torch.tensor(ctx, device=DEVICE)
-        blocks = -(-max(ctx) // page)
-        tables = torch.randperm(128, device=DEVICE, generator=gen)[:len(ctx) * blocks].view(len(ctx), blocks)
-        q = torch.randn(len(ctx), heads, dim, device=DEVICE, generator=gen).to(dtype)
-        ref = attention._decode(q.float(), k_cache.float(), v_cache.float(), tables, lens, max(ctx), 0.25, window,
-                                None)
-        for leaf_mode in (False, True):
-            outs = []
-            for fused in (False, True):
-                out = torch.full_like(q, float("nan"))
-                attention.paged_decode(q, k_cache, v_cache, tables, lens, max_len, 0.25, window, None, node_len, out,
-                                       tensor_cores=tensor_cores, tiles=tiles, leaf_mode=leaf_mode,
-                                       fused_combine=fused)
-                outs.append(out)
-            assert torch.equal(outs[1], outs[0]), (ctx, leaf_mode)
-            assert rel_err(outs[1], ref) < (1e-5 if dtype == torch.float32 else 8e-3)
-        assert attention.combine_counters(q.device).count_nonzero() == 0

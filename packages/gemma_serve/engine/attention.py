@@ -19,12 +19,10 @@ blocks in place through the block tables, with a grid that depends only on the b
 longest context the engine allows, so it can be captured in a CUDA graph. Each sequence's keys are
 cut into leaves (the kernel's keys per step) and nodes of several leaves (flash-decoding). A leaf's
 softmax sums are merged into its node's, and the nodes into the row's result, always in key order
-and with the same merge function. Small batches run one program per leaf (the combine merges the
-leaves into nodes), large ones one per node (the program merges its leaves): the same operations
-either way, so a row's result depends on its own context only, never on the batch or on the grid it
-was launched with. The combine runs in the decode kernel itself: the last program of a (sequence,
-KV head) to finish, counted with an atomic, merges the row's units (`_combine_row`); a separate
-combine kernel, with the same merge, is the fallback.
+and with the same merge function. Small batches run one program per leaf (the combine kernel merges
+the leaves into nodes), large ones one per node (the program merges its leaves): the same
+operations either way, so a row's result depends on its own context only, never on the batch or
+on the grid it was launched with.
 
 The prefill chunks of a step use `paged_prefill` on CUDA: one launch for all of them (flash
 attention over the paged cache, variable lengths, tiles of query rows of one sequence each, keys
@@ -36,7 +34,6 @@ the keys up to its own position, or up to the end of the image run it belongs to
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -52,8 +49,6 @@ try:  # CUDA builds of PyTorch ship Triton; CPU-only installs use the PyTorch pa
     from gemma_serve.engine.pdl import pdl_wait
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
-
-logger = logging.getLogger(__name__)
 
 # Most float32 scores one prefill tile holds (heads x query rows x keys): 256 MiB.
 _MAX_TILE_SCORES = 1 << 26
@@ -265,15 +260,6 @@ LEAF_MODE_MAX_BYTES = 64 << 20
 # bf16/fp16 caches: tensor-core dots in the decode kernel (else float32 products on the CUDA cores).
 # Measured on an H100 (Gemma 3 4B shapes): 7.9 vs 12.4 us a layer at batch 1, equal at batch 256.
 DECODE_TENSOR_CORES = os.environ.get("GEMMA_DECODE_TENSOR_CORES", "1") == "1"
-# The combine in the decode kernel's last program of each (sequence, KV head), rather than a second
-# kernel per layer: a decode step at batch 1 is ~170 short kernels, each launch ~2-3 us on an H200,
-# and the combine was 34 of them. GEMMA_DECODE_FUSED_COMBINE=0 launches the combine kernel, for A/B.
-DECODE_FUSED_COMBINE = os.environ.get("GEMMA_DECODE_FUSED_COMBINE", "1") == "1"
-# (sequence, KV head) pairs the fused combine's counters cover (256 KiB); larger calls fall back to
-# the combine kernel. Batch 256 x 16 KV heads needs 4,096.
-COMBINE_COUNTERS = 1 << 16
-_counters_by_device: dict[torch.device, torch.Tensor] = {}
-_warned_capture: set[torch.device] = set()
 
 
 def decode_kernel_available() -> bool:
@@ -289,22 +275,6 @@ def decode_node_len(max_model_len: int) -> int:
     MAX_DECODE_NODES nodes."""
     need = -(-max_model_len // MAX_DECODE_NODES)
     return max(MIN_DECODE_NODE_LEN, 1 << max(0, need - 1).bit_length())
-
-
-def combine_counters(device: torch.device) -> torch.Tensor | None:
-    """The fused combine's arrival counters on `device` (int32, all zero between calls: the last
-    program of a pair resets its own), or None while a CUDA graph is being captured before any eager
-    call made them. Allocated once and never freed: made during a capture, they would live in the
-    graph's memory pool and the graph would hold their memset. The graphs' warm-up runs the
-    decode kernel eagerly before capturing, so this is made then. Kernels on one stream run one
-    after another, so every layer and graph shares the one buffer; two streams running decode
-    attention at once on one device would not be safe (the engine runs its model on one)."""
-    counters = _counters_by_device.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counters = _counters_by_device[device] = torch.zeros(COMBINE_COUNTERS, dtype=torch.int32, device=device)
-    return counters
 
 
 def _decode_block_n(group_pad: int, head_dim: int, node_len: int) -> int:
@@ -354,69 +324,22 @@ if triton is not None:
         acc = tl.fma(acc_b, wb[:, None], acc_a * wa[:, None])
         return m, l, acc
 
-    @triton.jit
-    def _combine_row(PACC, PM, PL, O, base, keys, leaf_units, HEAD_DIM: tl.constexpr, LEAF_LEN: tl.constexpr,
-                     NODE_LEN: tl.constexpr, LEAF_CHUNK: tl.constexpr, CACHE: tl.constexpr):
-        """One (sequence, head)'s units, from `base` on in PACC/PM/PL, merged in order into its output
-        row at O. Leaf units (`leaf_units`) are first merged into nodes, as the decode kernel merges
-        them itself for node units; then the nodes into the row. The one combine, for the combine
-        kernel and the decode kernel's last programs alike, so both give the same bits. CACHE: the
-        loads' cache modifier."""
-        d = tl.arange(0, HEAD_DIM)
-        m_row = tl.full([1], float("-inf"), tl.float32)
-        l_row = tl.zeros([1], tl.float32)
-        acc_row = tl.zeros([1, HEAD_DIM], tl.float32)
-        num_leaves = tl.cdiv(keys, LEAF_LEN)
-        c = tl.arange(0, LEAF_CHUNK)
-        for node in range(0, tl.cdiv(keys, NODE_LEN)):
-            if leaf_units:
-                m_n = tl.full([1], float("-inf"), tl.float32)
-                l_n = tl.zeros([1], tl.float32)
-                acc_n = tl.zeros([1, HEAD_DIM], tl.float32)
-                # The node's leaves, LEAF_CHUNK per load (one memory round trip, not one per leaf);
-                # each leaf taken out of the tile exactly (a max or sum against -inf / 0) and merged
-                # in order, as the decode kernel merges them.
-                for chunk in range(node * (NODE_LEN // LEAF_LEN), tl.minimum((node + 1) * (NODE_LEN // LEAF_LEN),
-                                                                            num_leaves), LEAF_CHUNK):
-                    live = chunk + c < num_leaves
-                    t_m = tl.load(PM + base + chunk + c, mask=live, other=float("-inf"), cache_modifier=CACHE)
-                    t_l = tl.load(PL + base + chunk + c, mask=live, other=0.0, cache_modifier=CACHE)
-                    t_acc = tl.load(PACC + (base + chunk + c)[:, None] * HEAD_DIM + d[None, :], mask=live[:, None],
-                                    other=0.0, cache_modifier=CACHE)
-                    for j in tl.static_range(LEAF_CHUNK):
-                        if chunk + j < num_leaves:
-                            pick = c == j
-                            m_n, l_n, acc_n = _merge_softmax(
-                                m_n, l_n, acc_n, tl.max(tl.where(pick, t_m, float("-inf")), axis=0)[None],
-                                tl.sum(tl.where(pick, t_l, 0.0), axis=0)[None],
-                                tl.sum(tl.where(pick[:, None], t_acc, 0.0), axis=0)[None, :])
-            else:
-                m_n = tl.load(PM + base + node + tl.zeros([1], tl.int32), cache_modifier=CACHE)
-                l_n = tl.load(PL + base + node + tl.zeros([1], tl.int32), cache_modifier=CACHE)
-                acc_n = tl.load(PACC + (base + node) * HEAD_DIM + d, cache_modifier=CACHE)[None, :]
-            m_row, l_row, acc_row = _merge_softmax(m_row, l_row, acc_row, m_n, l_n, acc_n)
-        out = acc_row / l_row[:, None]
-        tl.store(O + d[None, :], out.to(O.dtype.element_ty))
-
     # Arguments that change from step to step are not specialised on their values (Triton compiles a
     # variant for ints equal to 1 or divisible by 16): otherwise a new variant could be compiled, for
     # half a second, in the middle of serving.
     @triton.jit(do_not_specialize=["max_units", "unit_len"])
-    def _paged_decode_kernel(Q, K, V, BT, CTX, PACC, PM, PL, COUNT, O,
-                             stride_qb, stride_qh, stride_bt, stride_ob, stride_oh,
+    def _paged_decode_kernel(Q, K, V, BT, CTX, PACC, PM, PL,
+                             stride_qb, stride_qh, stride_bt,
                              scale, softcap, window, max_units, unit_len,
                              NUM_HEADS: tl.constexpr, KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                              G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
-                             BLOCK_N: tl.constexpr, NODE_LEN: tl.constexpr, LEAF_CHUNK: tl.constexpr,
-                             HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr,
-                             FUSED_COMBINE: tl.constexpr, PDL: tl.constexpr = False):
+                             BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                             HAS_SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr = False):
         """Partial softmax sums of one unit of a row's keys for one KV head's query group. A unit is
         a leaf (BLOCK_N keys) or a node (unit_len keys: its leaves merged in order). Leaves start at
         the row's first visible key, so a leaf's keys, and its sums, never depend on the grid. The
         unit length is a runtime value: both modes run one compiled kernel, so a leaf's sums come
-        from the same instructions in either (a compile-time branch could lay them out differently).
-        FUSED_COMBINE: the last of the pair's programs to finish also merges the row's units into O
-        for the group's heads (COUNT: one arrival counter per (sequence, KV head), zero on entry)."""
+        from the same instructions in either (a compile-time branch could lay them out differently)."""
         pdl_wait(PDL)
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -464,30 +387,14 @@ if triton is not None:
             tl.store(PACC + part[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None])
             tl.store(PM + part, m_i, mask=gmask)
             tl.store(PL + part, l_i, mask=gmask)
-        if FUSED_COMBINE:
-            # Every program of the pair counts, one with an empty unit too, so the grid's max_units-th
-            # arrival is the last. The barrier puts all of this program's threads' stores before the
-            # atomic's release; its acquire makes the other programs' stores visible to the last one.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(COUNT + seq * KV_HEADS + kvh, 1, sem="acq_rel", scope="gpu")
-            if arrived == max_units - 1:
-                # Every other program has counted: back to zero for the next layer or graph replay.
-                tl.store(COUNT + seq * KV_HEADS + kvh, 0)
-                # The unit length alone tells the modes apart (a runtime value, as above).
-                for h in range(GROUP):
-                    head = kvh * GROUP + h
-                    # .cg: other programs' partials are read from L2, never from a stale L1 line.
-                    _combine_row(PACC, PM, PL, O + seq * stride_ob + head * stride_oh,
-                                 (seq * NUM_HEADS + head) * max_units, ctx - first, unit_len < NODE_LEN, HEAD_DIM,
-                                 BLOCK_N, NODE_LEN, LEAF_CHUNK, ".cg")
 
     @triton.jit(do_not_specialize=["max_units"])
     def _decode_combine_kernel(PACC, PM, PL, CTX, O, stride_ob, stride_oh, window, max_units,
                                NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr,
                                LEAF_LEN: tl.constexpr, NODE_LEN: tl.constexpr, LEAF_UNITS: tl.constexpr,
                                LEAF_CHUNK: tl.constexpr, PDL: tl.constexpr = False):
-        """The combine as a kernel of its own, one program per (sequence, head): when the decode
-        kernel does not merge its rows (GEMMA_DECODE_FUSED_COMBINE=0, more pairs than counters)."""
+        """A row's units merged in order. Leaf units (LEAF_UNITS) are first merged into nodes, as the
+        decode kernel merges them itself for node units; then the nodes into the row's result."""
         pdl_wait(PDL)
         seq = tl.program_id(0)
         head = tl.program_id(1)
@@ -496,32 +403,49 @@ if triton is not None:
             first = tl.maximum(ctx - window, 0)
         else:
             first = ctx * 0
-        _combine_row(PACC, PM, PL, O + seq * stride_ob + head * stride_oh, (seq * NUM_HEADS + head) * max_units,
-                     ctx - first, LEAF_UNITS, HEAD_DIM, LEAF_LEN, NODE_LEN, LEAF_CHUNK, "")
-
-
-def _fused_combine_counters(device: torch.device, pairs: int, fused: bool | None) -> torch.Tensor | None:
-    """The counters for a decode kernel that merges its `pairs` (sequence, KV head) rows itself, or
-    None for the combine kernel. `fused`: None for DECODE_FUSED_COMBINE where it can be done;
-    True raises where it cannot."""
-    if fused is False or (fused is None and not DECODE_FUSED_COMBINE):
-        return None
-    counters = combine_counters(device) if pairs <= COMBINE_COUNTERS else None
-    if counters is None and fused:
-        raise ValueError(f"no fused combine for {pairs} (sequence, KV head) pairs on {device} here: more than "
-                         f"{COMBINE_COUNTERS}, or a CUDA graph capture before any eager decode call")
-    if counters is None and pairs <= COMBINE_COUNTERS and device not in _warned_capture:
-        _warned_capture.add(device)
-        logger.warning("decode attention captured in a CUDA graph before any eager call on %s: the graph "
-                       "launches the combine kernel (run it eagerly once first)", device)
-    return counters
+        keys = ctx - first
+        base = (seq * NUM_HEADS + head) * max_units
+        d = tl.arange(0, HEAD_DIM)
+        m_row = tl.full([1], float("-inf"), tl.float32)
+        l_row = tl.zeros([1], tl.float32)
+        acc_row = tl.zeros([1, HEAD_DIM], tl.float32)
+        num_leaves = tl.cdiv(keys, LEAF_LEN)
+        c = tl.arange(0, LEAF_CHUNK)
+        for node in range(0, tl.cdiv(keys, NODE_LEN)):
+            if LEAF_UNITS:
+                m_n = tl.full([1], float("-inf"), tl.float32)
+                l_n = tl.zeros([1], tl.float32)
+                acc_n = tl.zeros([1, HEAD_DIM], tl.float32)
+                # The node's leaves, LEAF_CHUNK per load (one memory round trip, not one per leaf);
+                # each leaf taken out of the tile exactly (a max or sum against -inf / 0) and merged
+                # in order, as the decode kernel merges them.
+                for chunk in range(node * (NODE_LEN // LEAF_LEN), tl.minimum((node + 1) * (NODE_LEN // LEAF_LEN),
+                                                                            num_leaves), LEAF_CHUNK):
+                    live = chunk + c < num_leaves
+                    t_m = tl.load(PM + base + chunk + c, mask=live, other=float("-inf"))
+                    t_l = tl.load(PL + base + chunk + c, mask=live, other=0.0)
+                    t_acc = tl.load(PACC + (base + chunk + c)[:, None] * HEAD_DIM + d[None, :], mask=live[:, None],
+                                    other=0.0)
+                    for j in tl.static_range(LEAF_CHUNK):
+                        if chunk + j < num_leaves:
+                            pick = c == j
+                            m_n, l_n, acc_n = _merge_softmax(
+                                m_n, l_n, acc_n, tl.max(tl.where(pick, t_m, float("-inf")), axis=0)[None],
+                                tl.sum(tl.where(pick, t_l, 0.0), axis=0)[None],
+                                tl.sum(tl.where(pick[:, None], t_acc, 0.0), axis=0)[None, :])
+            else:
+                m_n = tl.load(PM + base + node + tl.zeros([1], tl.int32))
+                l_n = tl.load(PL + base + node + tl.zeros([1], tl.int32))
+                acc_n = tl.load(PACC + (base + node) * HEAD_DIM + d)[None, :]
+            m_row, l_row, acc_row = _merge_softmax(m_row, l_row, acc_row, m_n, l_n, acc_n)
+        out = acc_row / l_row[:, None]
+        tl.store(O + seq * stride_ob + head * stride_oh + d[None, :], out.to(O.dtype.element_ty))
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, max_context_len: int, scale: float, window: int | None,
                  softcap: float | None, node_len: int, out: torch.Tensor, tensor_cores: bool | None = None,
-                 tiles: KernelTiles | None = None, leaf_mode: bool | None = None,
-                 fused_combine: bool | None = None) -> torch.Tensor:
+                 tiles: KernelTiles | None = None, leaf_mode: bool | None = None) -> torch.Tensor:
     """One query per sequence at position context_len - 1, read from the paged cache in place.
     q, out: [B, heads, D] (last dim contiguous); block_tables [B, >= blocks needed]; context_lens [B] >= 1.
     `max_context_len` only sizes the grid (an upper bound of context_lens): CUDA graphs pass the
@@ -530,9 +454,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     node, `leaf_mode`: default from `use_leaf_mode`) does not change any result.
     `tensor_cores` (16-bit caches only; default DECODE_TENSOR_CORES): scores and P @ V on tensor
     cores, P rounded to the cache dtype. `tiles` overrides keys per step, warps and stages
-    (benchmarks; block_m is unused). `fused_combine` (default DECODE_FUSED_COMBINE where possible):
-    the decode kernel merges each row's units itself rather than a second kernel, the same bits
-    either way; True raises where it cannot. Writes `out` and returns it."""
+    (benchmarks; block_m is unused). Writes `out` and returns it."""
     batch, heads, head_dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
@@ -560,25 +482,22 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         leaf_mode = use_leaf_mode(batch, heads, kv_heads, head_dim, max_leaves, node_len // block_n)
     unit_len = block_n if leaf_mode else node_len
     max_units = max_leaves if leaf_mode else max(1, math.ceil(span / node_len))
-    counters = _fused_combine_counters(q.device, batch * kv_heads, fused_combine)
-    common = dict(NUM_HEADS=heads, HEAD_DIM=head_dim, HAS_WINDOW=window is not None, NODE_LEN=node_len,
-                  LEAF_CHUNK=min(8, node_len // block_n))
+    common = dict(NUM_HEADS=heads, HEAD_DIM=head_dim, HAS_WINDOW=window is not None)
     part_acc = torch.empty(batch, heads, max_units, head_dim, dtype=torch.float32, device=q.device)
     part_m = torch.empty(batch, heads, max_units, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     _paged_decode_kernel[(batch, kv_heads, max_units)](
         q, k_cache, v_cache, block_tables, context_lens, part_acc, part_m, part_l,
-        part_m if counters is None else counters, out,
-        q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
+        q.stride(0), q.stride(1), block_tables.stride(0),
         float(scale), float(softcap or 1.0), int(window or 0), max_units, unit_len,
         KV_HEADS=kv_heads, GROUP=group, G_PAD=group_pad, PAGE=page, BLOCK_N=block_n,
-        HAS_SOFTCAP=softcap is not None, USE_DOT=use_dot, FUSED_COMBINE=counters is not None, num_warps=warps,
+        HAS_SOFTCAP=softcap is not None, USE_DOT=use_dot, num_warps=warps,
         **({} if stages is None else {"num_stages": stages}), **common, **pdl_launch(q))
-    if counters is None:
-        _decode_combine_kernel[(batch, heads)](
-            part_acc, part_m, part_l, context_lens, out, out.stride(0), out.stride(1), int(window or 0), max_units,
-            LEAF_LEN=block_n, LEAF_UNITS=unit_len != node_len, num_warps=1 if head_dim <= 128 else 2, **common,
-            **pdl_launch(q))
+    _decode_combine_kernel[(batch, heads)](
+        part_acc, part_m, part_l, context_lens, out, out.stride(0), out.stride(1), int(window or 0), max_units,
+        LEAF_LEN=block_n, NODE_LEN=node_len, LEAF_UNITS=unit_len != node_len,
+        LEAF_CHUNK=min(8, node_len // block_n),
+        num_warps=1 if head_dim <= 128 else 2, **common, **pdl_launch(q))
     return out
 
 

@@ -114,8 +114,7 @@ class _StepGraphs:
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            # Warm-up outside capture: Triton compiles, cuBLAS picks its kernels for each size, and
-            # the decode kernel's combine counters are allocated (`attention.combine_counters`).
+            # Warm-up outside capture: Triton compiles, cuBLAS picks its kernels for each size.
             for size in self.sizes:
                 self._forward(size)
         torch.cuda.current_stream(self.device).wait_stream(stream)
