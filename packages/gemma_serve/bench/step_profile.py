@@ -173,15 +173,16 @@ def decode_steps(probe: StepProbe, batch: int, prompt_len: int, steps: int) -> d
 
 
 def kernel_table(probe: StepProbe, kind: str, out_dir: Path) -> list[dict]:
-    """torch.profiler over one step of `kind` (prefill, decode1, decode256): the CUDA kernels by total time."""
+    """torch.profiler over one step of `kind` (prefill, or decode<batch> such as decode1, decode256;
+    decode<batch>:<prompt_len> for other contexts than 512): the CUDA kernels by total time."""
     from torch.profiler import ProfilerActivity, profile
 
     engine = probe.engine
     if kind == "prefill":
         probe.add(16, 512, 4)
     else:
-        batch = 1 if kind == "decode1" else 256
-        probe.add(batch, 512, 16)
+        batch, _, prompt_len = kind.removeprefix("decode").partition(":")
+        probe.add(int(batch), int(prompt_len or 512), 16)
         while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.sequences.values()):
             engine.step()
         engine.step()
@@ -191,7 +192,7 @@ def kernel_table(probe: StepProbe, kind: str, out_dir: Path) -> list[dict]:
         torch.cuda.synchronize()
     probe.clear()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-    (out_dir / f"kernels-{kind}.txt").write_text(table)
+    (out_dir / f"kernels-{kind.replace(':', '-')}.txt").write_text(table)
     rows = []
     for e in prof.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
@@ -323,6 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--out", type=Path, required=True, help="folder for profile.json and kernels-*.txt")
     parser.add_argument("--skip-sweeps", action="store_true", help="leave out the attention tile sweeps")
+    parser.add_argument("--decode", default="1:128:64,256:512:24",
+                        help="decode steps to time, batch:prompt_len:steps,... (wall against GPU busy per step)")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="only the decode steps of --decode (no prefill, sweeps, host profile or kernel tables)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("step_profile needs a CUDA GPU", file=sys.stderr)
@@ -333,6 +338,21 @@ def main(argv: list[str] | None = None) -> int:
                                     max_queue_len=1 << 20, quantization=args.quantization))
     probe = StepProbe(engine, 255_000)
     report: dict = {"device": torch.cuda.get_device_name(), "quantization": args.quantization}
+    report["decode"] = [decode_steps(probe, *map(int, spec.split(":"))) for spec in args.decode.split(",")]
+    for d in report["decode"]:
+        print(f"decode batch {d['batch']:3d} ctx ~{d['context']}: step {d['step_wall_ms']:.2f} ms, GPU busy "
+              f"{d['gpu_busy_ms']:.2f} ms, host adds {d['host_ms']:.2f} ms", flush=True)
+    if args.decode_only:
+        report["kernels"] = {}
+        for spec in args.decode.split(","):
+            batch, prompt_len, _ = spec.split(":")
+            kind = f"decode{batch}:{prompt_len}"
+            report["kernels"][kind] = kernel_table(probe, kind, args.out)
+            print(f"\ntop kernels, {kind} step:")
+            for r in report["kernels"][kind][:12]:
+                print(f"  {r['total_ms']:8.3f} ms  x{r['count']:<5d} {r['name']}")
+        (args.out / "profile.json").write_text(json.dumps(report, indent=2))
+        return 0
     report["prefill_step_ms"] = {"kernel": prefill_step_ms(probe, True), "pytorch": prefill_step_ms(probe, False)}
     print(f"prefill step 16 x 512: kernel {report['prefill_step_ms']['kernel']:.1f} ms, "
           f"PyTorch path {report['prefill_step_ms']['pytorch']:.1f} ms", flush=True)
@@ -340,10 +360,6 @@ def main(argv: list[str] | None = None) -> int:
     ft = report["first_token"]
     print(f"first token of a {ft['prompt_len']}-token prompt: step {ft['step_wall_ms']:.2f} ms, GPU busy "
           f"{ft['gpu_busy_ms']:.2f} ms, host adds {ft['host_ms']:.2f} ms", flush=True)
-    report["decode"] = [decode_steps(probe, 1, 128, 64), decode_steps(probe, 256, 512, 24)]
-    for d in report["decode"]:
-        print(f"decode batch {d['batch']:3d} ctx ~{d['context']}: step {d['step_wall_ms']:.2f} ms, GPU busy "
-              f"{d['gpu_busy_ms']:.2f} ms, host adds {d['host_ms']:.2f} ms", flush=True)
     report["prefill_tiles"] = [] if args.skip_sweeps else prefill_tile_sweep(engine)
     for r in report["prefill_tiles"]:
         print(f"prefill attention {r['tiles']:30s} " + (f"{r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s "
