@@ -340,11 +340,13 @@ if triton is not None:
         the row's first visible key, so a leaf's keys, and its sums, never depend on the grid. The
         unit length is a runtime value: both modes run one compiled kernel, so a leaf's sums come
         from the same instructions in either (a compile-time branch could lay them out differently)."""
-        pdl_wait(PDL)
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
         unit = tl.program_id(2)
+        # Before the wait: the context lengths are made at the start of the step (pdl.py); the
+        # kernel before this one writes q and the new key's cache slot, read below.
         ctx = tl.load(CTX + seq).to(tl.int32)
+        pdl_wait(PDL)
         if HAS_WINDOW:
             first = tl.maximum(ctx - window, 0)
         else:
@@ -395,10 +397,10 @@ if triton is not None:
                                LEAF_CHUNK: tl.constexpr, PDL: tl.constexpr = False):
         """A row's units merged in order. Leaf units (LEAF_UNITS) are first merged into nodes, as the
         decode kernel merges them itself for node units; then the nodes into the row's result."""
-        pdl_wait(PDL)
         seq = tl.program_id(0)
         head = tl.program_id(1)
-        ctx = tl.load(CTX + seq).to(tl.int32)
+        ctx = tl.load(CTX + seq).to(tl.int32)  # made at the start of the step: read before the wait
+        pdl_wait(PDL)
         if HAS_WINDOW:
             first = tl.maximum(ctx - window, 0)
         else:
