@@ -11,9 +11,15 @@ What a kernel may touch before its wait: nothing it writes, and only what the ke
 before it does not write. Because every kernel lets its successor be scheduled only after its own
 wait, all kernels before the previous one have finished by the time a kernel starts; so weights,
 and tensors made before the step's previous kernel (RoPE tables, slot mappings, block tables), may
-be read early. The norms read their weights and `qkv_to_cache` its tables and slots that way.
-(Reading the one-token GEMV's first weight tile, or asking L2 for its weights, before the wait
-measured slower on an H200: docs/benchmarks.md, fifth run.)
+be read early. The norms read their weights, `qkv_to_cache` its tables and slots, the decode
+attention its context lengths, and the one-token GEMV its first tile of 16-bit weights that way
+(W1 +2.8% on an H200; for 8-bit weights the loop with its first step taken out compiled slower,
+and asking L2 for weights before the wait was slower too: docs/benchmarks.md, fifth run).
+
+A kernel cannot usefully hand work to its own last program instead of to the next kernel: counting
+programs with a GPU-scope atomic (a release fence each) and running the next kernel's work on one
+program after the grid measured slower than the next kernel launched this way (docs/benchmarks.md,
+sixth run).
 """
 
 from __future__ import annotations
