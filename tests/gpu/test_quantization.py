@@ -330,7 +330,7 @@ def test_engine_logits_of_gemma3_4b_shapes_match_bf16(bf16_4b, method):
     assert all(abs(g - e) < 2e-3 for g, e in zip(quant_errs, eager_errs)), report
     # The kernel computes the dequantized model: as close as two bf16 runs of one function get. bf16
     # is ~9e-3 from float32 on these weights (tests/gpu/test_cuda_graphs.py); two bf16 runs with their
-    # own roundings (here also 16-bit against float32 matmul outputs) differ by about twice that:
+    # own roundings differ by about twice that:
     # H200, 2026-12-01, 8-bit table included: 1.52e-2..1.56e-2 (INT8), 1.70e-2..1.77e-2 (FP8). A
     # wrong tile or scale lands at O(1); the kernel tests above pin 4e-3.
     assert max(kernel_errs) < 4e-2, report
