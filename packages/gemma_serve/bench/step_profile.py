@@ -202,6 +202,17 @@ def kernel_table(probe: StepProbe, kind: str, out_dir: Path) -> list[dict]:
     return rows[:15]
 
 
+def _kernel_tables(probe: StepProbe, kinds: list[str], out_dir: Path) -> dict[str, list[dict]]:
+    """`kernel_table` of each kind of step, its top kernels printed."""
+    tables = {}
+    for kind in kinds:
+        tables[kind] = kernel_table(probe, kind, out_dir)
+        print(f"\ntop kernels, {kind} step:")
+        for r in tables[kind][:12]:
+            print(f"  {r['total_ms']:8.3f} ms  x{r['count']:<5d} {r['name']}")
+    return tables
+
+
 def prefill_tile_sweep(engine: LLMEngine) -> list[dict]:
     """paged_prefill on one layer's shapes (16 x 512 fresh prompts) for several tile sizes, against
     torch SDPA (flash, causal, GQA) on the same rows laid out densely."""
@@ -343,14 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"decode batch {d['batch']:3d} ctx ~{d['context']}: step {d['step_wall_ms']:.2f} ms, GPU busy "
               f"{d['gpu_busy_ms']:.2f} ms, host adds {d['host_ms']:.2f} ms", flush=True)
     if args.decode_only:
-        report["kernels"] = {}
-        for spec in args.decode.split(","):
-            batch, prompt_len, _ = spec.split(":")
-            kind = f"decode{batch}:{prompt_len}"
-            report["kernels"][kind] = kernel_table(probe, kind, args.out)
-            print(f"\ntop kernels, {kind} step:")
-            for r in report["kernels"][kind][:12]:
-                print(f"  {r['total_ms']:8.3f} ms  x{r['count']:<5d} {r['name']}")
+        kinds = [f"decode{spec.split(':')[0]}:{spec.split(':')[1]}" for spec in args.decode.split(",")]
+        report["kernels"] = _kernel_tables(probe, kinds, args.out)
         (args.out / "profile.json").write_text(json.dumps(report, indent=2))
         return 0
     report["prefill_step_ms"] = {"kernel": prefill_step_ms(probe, True), "pytorch": prefill_step_ms(probe, False)}
@@ -371,12 +376,7 @@ def main(argv: list[str] | None = None) -> int:
               (f"{r['us']:8.1f} us {r['gbps']:6.0f} GB/s {r['pct_copy']:5.1f}% of copy" if "us" in r else r["error"]),
               flush=True)
     host_profile(probe, args.out)
-    report["kernels"] = {}
-    for kind in ("prefill", "decode1", "decode256"):
-        report["kernels"][kind] = kernel_table(probe, kind, args.out)
-        print(f"\ntop kernels, {kind} step:")
-        for r in report["kernels"][kind][:10]:
-            print(f"  {r['total_ms']:8.3f} ms  x{r['count']:<5d} {r['name']}")
+    report["kernels"] = _kernel_tables(probe, ["prefill", "decode1", "decode256"], args.out)
     (args.out / "profile.json").write_text(json.dumps(report, indent=2))
     return 0
 
