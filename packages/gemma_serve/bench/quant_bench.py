@@ -289,6 +289,7 @@ def gemv_variants(copy_gbps: float, layers: int) -> list[dict]:
     xs = inputs(1)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
+    matched_default = quant.GEMV_MATCHED_LOADS
     for method in ("bf16", "int8"):
         weights = make_weights(method, SHAPES, layers)
         bound_us = weight_bytes(weights) / (copy_gbps * 1e9) * 1e6 / layers
@@ -312,22 +313,30 @@ def gemv_variants(copy_gbps: float, layers: int) -> list[dict]:
                     project(layer["down"], xs[10240], **out)
             return run
 
-        variants = {"GELU kernel after gate_up": (False, False), "GELU in gate_up's epilogue": (True, False),
-                    "GELU in the epilogue, float32 outputs": (True, True)}
-        for label, flags in variants.items():
-            us = graph_ms(chain(*flags)) * 1e3 / layers
+        # (GELU in the epilogue, float32 outputs, weight loads matched to x's layout)
+        variants = {"GELU kernel after gate_up": (False, False, False),
+                    "GELU in gate_up's epilogue": (True, False, False),
+                    "GELU in the epilogue, float32 outputs": (True, True, False),
+                    "the same, weight loads matched to x": (True, True, True)}
+        for label, (fused, out32, matched) in variants.items():
+            quant.GEMV_MATCHED_LOADS = matched
+            us = graph_ms(chain(fused, out32)) * 1e3 / layers
             rows.append(dict(method=method, variant=label, us_per_layer=us, bound_us=bound_us))
             print(f"{method:5s} layer of 4 projections, {label:38s} {us:6.1f} us/layer "
                   f"({100 * bound_us / us:4.1f}% of copy bound {bound_us:.1f})", flush=True)
-        for name, (n, k) in SHAPES.items():
-            def one(name: str = name, k: int = k):
-                def run() -> None:
-                    for layer in weights:
-                        project(layer[name], xs[k])
-                return run
-            us = graph_ms(one()) * 1e3 / layers
-            rows.append(dict(method=method, variant=name, us_per_layer=us))
-            print(f"{method:5s} {name:8s} {us:6.1f} us", flush=True)
+        for matched in (False, True):
+            quant.GEMV_MATCHED_LOADS = matched
+            for name, (n, k) in SHAPES.items():
+                def one(name: str = name, k: int = k):
+                    def run() -> None:
+                        for layer in weights:
+                            project(layer[name], xs[k])
+                    return run
+                us = graph_ms(one()) * 1e3 / layers
+                label = f"{name}, matched loads" if matched else name
+                rows.append(dict(method=method, variant=label, us_per_layer=us))
+                print(f"{method:5s} {label:22s} {us:6.1f} us", flush=True)
+        quant.GEMV_MATCHED_LOADS = matched_default
         n, k = SHAPES["gate_up"]
         for block_n, block_k, warps, stages in ((4, 512, 4, 3), (8, 512, 4, 2), (8, 512, 4, 3), (8, 512, 8, 2),
                                                 (16, 512, 8, 2), (8, 256, 4, 4), (2, 512, 4, 3)):

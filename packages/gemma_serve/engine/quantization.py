@@ -296,6 +296,20 @@ FUSED_GELU = os.environ.get("GEMMA_FUSED_GELU", "1") == "1"
 # kernel before it; GEMMA_GEMV_EARLY_WEIGHTS=0 waits first. Not for 8-bit weights: the loop with its
 # first step taken out compiled slower there (INT8 qkv 10.3 against 6.0 us on an H200).
 GEMV_EARLY_WEIGHTS = os.environ.get("GEMMA_GEMV_EARLY_WEIGHTS", "1") == "1"
+# The one-token kernel's weight loads as wide as x's share per thread (`matched_load_width`), so its
+# K loop needs no layout change. Off until measured on a GPU (GEMMA_GEMV_MATCHED_LOADS=1 turns it
+# on; `quant_bench --gemv-variants` times both).
+GEMV_MATCHED_LOADS = os.environ.get("GEMMA_GEMV_MATCHED_LOADS", "0") == "1"
+
+
+def matched_load_width(cfg: KernelConfig) -> int:
+    """Weights per thread and load that match x's layout in the one-token kernel: x's K tile spread
+    over the program's threads (BLOCK_K / (32 x warps) each). With the widest loads (16 bytes: 16
+    INT8 or 8 bf16 weights) and x at fewer per thread, Triton 3.6 converts between the two layouts
+    through shared memory, with barriers, in every step of the K loop (INT8 at 4x1024 and 8x512, bf16
+    at 4x512, for sm_90: `bench/gemv_sass.py`). 0 where that leaves under 2 per load."""
+    width = cfg.block_k // (32 * cfg.num_warps)
+    return width if width >= 2 else 0
 
 
 def one_token_config(n: int, k: int) -> KernelConfig:
@@ -515,7 +529,7 @@ if triton is not None:
     def _weight_only_gemv_kernel(X, W, S, OUT, N, K, stride_wn, stride_split, split_k, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WIDEN: tl.constexpr,
                                  HAS_SCALE: tl.constexpr = True, GELU_MUL: tl.constexpr = False,
-                                 EARLY_W: tl.constexpr = False, PDL: tl.constexpr = False):
+                                 EARLY_W: tl.constexpr = False, W_VEC: tl.constexpr = 0, PDL: tl.constexpr = False):
         """One token: OUT[split][n] = scale[n] * sum over this split's K of x[k] * W[n, k], on the FMA
         units (a matrix unit would idle 15 of its 16 rows). Weights go straight from memory to
         registers; the products accumulate per lane and are summed across K once, at the end.
@@ -524,7 +538,8 @@ if triton is not None:
         and the up rows of the same channels, and stores gelu_tanh(gate) * up [N]: the gate_up
         output never goes to memory, and the GELU kernel is not launched.
         EARLY_W (16-bit weights, EVEN_K, the split's K range not empty): the first weight tile is
-        read before the PDL wait."""
+        read before the PDL wait. W_VEC: weights per thread and load (0: as wide as alignment allows,
+        16 bytes; see `matched_load_width`)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         lane = tl.arange(0, BLOCK_N)
@@ -539,7 +554,11 @@ if triton is not None:
         per_split = tl.cdiv(k_tiles, split_k)
         first = pid_k * per_split
         last = tl.minimum(first + per_split, k_tiles)
-        w_ptrs = W + rows[:, None] * stride_wn + (first * BLOCK_K + offs_k)[None, :]
+        if W_VEC:  # weights read W_VEC per thread and load, as x is: no layout change in the loop
+            offs_kw = tl.max_contiguous(offs_k, W_VEC)
+        else:
+            offs_kw = offs_k
+        w_ptrs = W + rows[:, None] * stride_wn + (first * BLOCK_K + offs_kw)[None, :]
         x_ptrs = X + first * BLOCK_K + offs_k
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
@@ -705,6 +724,7 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
                                                      GELU_MUL=gelu_mul, num_warps=cfg.num_warps,
                                                      EARLY_W=(GEMV_EARLY_WEIGHTS and scale is None and even_k
                                                               and cfg.split_k == 1),
+                                                     W_VEC=matched_load_width(cfg) if GEMV_MATCHED_LOADS else 0,
                                                      num_stages=cfg.num_stages, **pdl_launch(x2))
     else:
         _weight_only_matmul_kernel[grid](x2, qweight, scale, out, m, n, k, x2.stride(0), qweight.stride(0), n,
