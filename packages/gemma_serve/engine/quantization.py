@@ -300,6 +300,9 @@ GEMV_EARLY_WEIGHTS = os.environ.get("GEMMA_GEMV_EARLY_WEIGHTS", "1") == "1"
 # K loop needs no layout change. Off until measured on a GPU (GEMMA_GEMV_MATCHED_LOADS=1 turns it
 # on; `quant_bench --gemv-variants` times both).
 GEMV_MATCHED_LOADS = os.environ.get("GEMMA_GEMV_MATCHED_LOADS", "0") == "1"
+# The weight's row stride compiled into the one-token kernel (`_static_row_stride`); off until
+# measured (GEMMA_GEMV_STATIC_ROWS=1).
+GEMV_STATIC_ROWS = os.environ.get("GEMMA_GEMV_STATIC_ROWS", "0") == "1"
 
 
 def matched_load_width(cfg: KernelConfig) -> int:
@@ -310,6 +313,17 @@ def matched_load_width(cfg: KernelConfig) -> int:
     at 4x512, for sm_90: `bench/gemv_sass.py`). 0 where that leaves under 2 per load."""
     width = cfg.block_k // (32 * cfg.num_warps)
     return width if width >= 2 else 0
+
+
+def _static_row_stride(weight: torch.Tensor, n_out: int, cfg: KernelConfig, gelu_mul: bool) -> int:
+    """The one-token kernel's ROW_STRIDE: the weight's row stride as a compile-time constant, when
+    GEMV_STATIC_ROWS and every program's rows exist (no wrap-around). Its rows are then a fixed
+    distance apart and their loads take immediate offsets from one pointer instead of one pointer
+    each (the listing of `bench/gemv_sass.py`: 184 -> 158 instructions in an INT8 K step at 8x512)."""
+    rows_per_program = cfg.block_n // 2 if gelu_mul else cfg.block_n
+    if not GEMV_STATIC_ROWS or n_out % rows_per_program:
+        return 0
+    return weight.stride(0)
 
 
 def one_token_config(n: int, k: int) -> KernelConfig:
@@ -529,7 +543,8 @@ if triton is not None:
     def _weight_only_gemv_kernel(X, W, S, OUT, N, K, stride_wn, stride_split, split_k, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WIDEN: tl.constexpr,
                                  HAS_SCALE: tl.constexpr = True, GELU_MUL: tl.constexpr = False,
-                                 EARLY_W: tl.constexpr = False, W_VEC: tl.constexpr = 0, PDL: tl.constexpr = False):
+                                 EARLY_W: tl.constexpr = False, W_VEC: tl.constexpr = 0, ROW_STRIDE: tl.constexpr = 0,
+                                 PDL: tl.constexpr = False):
         """One token: OUT[split][n] = scale[n] * sum over this split's K of x[k] * W[n, k], on the FMA
         units (a matrix unit would idle 15 of its 16 rows). Weights go straight from memory to
         registers; the products accumulate per lane and are summed across K once, at the end.
@@ -539,16 +554,25 @@ if triton is not None:
         output never goes to memory, and the GELU kernel is not launched.
         EARLY_W (16-bit weights, EVEN_K, the split's K range not empty): the first weight tile is
         read before the PDL wait. W_VEC: weights per thread and load (0: as wide as alignment allows,
-        16 bytes; see `matched_load_width`)."""
+        16 bytes; see `matched_load_width`). ROW_STRIDE (non-zero): the weight's row stride, with
+        no program's rows past N (`_static_row_stride`)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         lane = tl.arange(0, BLOCK_N)
+        if ROW_STRIDE:  # the row stride known at compile time, and no row past N
+            stride_wn = ROW_STRIDE
         if GELU_MUL:  # rows gate c, up c, gate c + 1, up c + 1, ...
             offs_n = pid_n * (BLOCK_N // 2) + lane // 2
-            rows = (offs_n % N).to(tl.int64) + (lane % 2) * N
+            if ROW_STRIDE:
+                rows = offs_n.to(tl.int64) + (lane % 2) * N
+            else:
+                rows = (offs_n % N).to(tl.int64) + (lane % 2) * N
         else:
             offs_n = pid_n * BLOCK_N + lane
-            rows = (offs_n % N).to(tl.int64)
+            if ROW_STRIDE:
+                rows = offs_n.to(tl.int64)
+            else:
+                rows = (offs_n % N).to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
         k_tiles = tl.cdiv(K, BLOCK_K)
         per_split = tl.cdiv(k_tiles, split_k)
@@ -725,6 +749,7 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
                                                      EARLY_W=(GEMV_EARLY_WEIGHTS and scale is None and even_k
                                                               and cfg.split_k == 1),
                                                      W_VEC=matched_load_width(cfg) if GEMV_MATCHED_LOADS else 0,
+                                                     ROW_STRIDE=_static_row_stride(qweight, n_out, cfg, gelu_mul),
                                                      num_stages=cfg.num_stages, **pdl_launch(x2))
     else:
         _weight_only_matmul_kernel[grid](x2, qweight, scale, out, m, n, k, x2.stride(0), qweight.stride(0), n,
