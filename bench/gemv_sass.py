@@ -35,7 +35,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from gemma_serve.engine import quantization as quant  # noqa: E402
 
-_POINTER = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int8: "*i8"}
+_POINTER = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int8: "*i8", torch.int32: "*i32", torch.int64: "*i64"}
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # (name, N, K, gate_up with the GELU epilogue) of Gemma 3 4B's projections and its LM head.
 SHAPES = [("qkv", 4096, 2560, False), ("o", 2560, 2048, False), ("gate_up+GELU", 20480, 2560, True),
