@@ -486,6 +486,11 @@ def _num_sms(device_index: int) -> int:
 # ways for INT8 that skip the float add: the weight's bits as a float32 subnormal, from Triton's
 # byte operations or from four byte permutes per 32-bit word of PTX (see `_int8_as_subnormal`).
 _WIDEN_CONVERT, _WIDEN_INT8, _WIDEN_FP8, _WIDEN_INT8_SUBNORMAL, _WIDEN_INT8_SUBNORMAL_PTX = 0, 1, 2, 3, 4
+# How the one-token kernel widens INT8 weights in the engine: GEMMA_INT8_GEMV_WIDEN=float-add (the
+# default), subnormal, or subnormal-ptx (CUDA only); all exact (tests/gpu/test_quantization.py).
+INT8_GEMV_WIDENINGS = {"float-add": _WIDEN_INT8, "subnormal": _WIDEN_INT8_SUBNORMAL,
+                       "subnormal-ptx": _WIDEN_INT8_SUBNORMAL_PTX}
+INT8_GEMV_WIDEN = INT8_GEMV_WIDENINGS[os.environ.get("GEMMA_INT8_GEMV_WIDEN", "float-add")]
 
 if triton is not None:
     _FP8_REBIAS = tl.constexpr(2.0 ** 120)  # float32 exponent bias 127 against e4m3's 7
@@ -737,8 +742,8 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
     even_k = k % cfg.block_k == 0
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.split_k)
     out = y if cfg.split_k == 1 else torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
-    if cfg.block_m == 1 and qweight.dtype == torch.int8 and int8_gemv_widen is not None:
-        widen = int8_gemv_widen
+    if cfg.block_m == 1 and qweight.dtype == torch.int8 and widen == _WIDEN_INT8:
+        widen = int8_gemv_widen if int8_gemv_widen is not None else INT8_GEMV_WIDEN
     if cfg.block_m == 1:
         if m != 1:
             raise ValueError(f"the one-token kernel (block_m 1) got {m} rows")
