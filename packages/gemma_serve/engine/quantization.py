@@ -307,11 +307,13 @@ GEMV_STATIC_ROWS = os.environ.get("GEMMA_GEMV_STATIC_ROWS", "0") == "1"
 
 def matched_load_width(cfg: KernelConfig) -> int:
     """Weights per thread and load that match x's layout in the one-token kernel: x's K tile spread
-    over the program's threads (BLOCK_K / (32 x warps) each). With the widest loads (16 bytes: 16
-    INT8 or 8 bf16 weights) and x at fewer per thread, Triton 3.6 converts between the two layouts
-    through shared memory, with barriers, in every step of the K loop (INT8 at 4x1024 and 8x512, bf16
-    at 4x512, for sm_90: `bench/gemv_sass.py`). 0 where that leaves under 2 per load."""
-    width = cfg.block_k // (32 * cfg.num_warps)
+    over the program's threads (BLOCK_K / (32 x warps) each), in loads of at most 16 bytes (8 16-bit
+    values). With the widest weight loads (16 bytes: 16 INT8 or 8 bf16 weights) and x at fewer per
+    thread, Triton 3.6 converts between the two layouts through shared memory, with barriers, in
+    every step of the K loop (INT8 at 4x1024 and 8x512, bf16 at 4x512, for sm_90: `bench/gemv_sass.py`;
+    with this width, none of the tile sweep's shapes keeps a barrier in its loop). 0 where that
+    leaves under 2 per load."""
+    width = min(cfg.block_k // (32 * cfg.num_warps), 8)
     return width if width >= 2 else 0
 
 
