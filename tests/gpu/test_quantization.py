@@ -169,21 +169,23 @@ def test_int8_one_token_widenings_match_float64_reference(widen, n, k):
 
 
 @pytest.mark.interpretable
-@pytest.mark.parametrize("matched_loads,static_rows", [(False, False), (True, False), (True, True)],
-                         ids=["widest-loads", "matched-loads", "matched-loads-static-rows"])
+@pytest.mark.parametrize("matched_loads,static_rows,early", [(False, False, "1"), (True, False, "1"), (True, True, "all")],
+                         ids=["widest-loads", "matched-loads", "matched-loads-static-rows-early-reads"])
 @pytest.mark.parametrize("weights", ["16-bit", "int8"])
 @pytest.mark.parametrize("inter,k", [(10240, 2560), (50, 72)] if ON_GPU else [(50, 72), (24, 2048)])
-def test_one_token_kernel_float32_outputs_and_gelu_epilogue(weights, inter, k, matched_loads, static_rows,
+def test_one_token_kernel_float32_outputs_and_gelu_epilogue(weights, inter, k, matched_loads, static_rows, early,
                                                              monkeypatch):
     """The one-token kernel's float32 outputs are its accumulators (the exact product up to float32
     summation), and its GELU epilogue on a gate_up matrix gives what `gelu_mul` gives on those
     outputs, rounded once (ragged K and odd channel counts included); with its weight loads as wide
     as the engine's default or matched to x's layout (`matched_load_width`), and the row stride
-    compiled in where every program's rows exist (`_static_row_stride`)."""
+    compiled in where every program's rows exist (`_static_row_stride`), and the first tile of any
+    weights read before the PDL wait (`GEMV_EARLY_WEIGHTS` "all")."""
     from gemma_serve.engine.fused_kernels import gelu_mul
 
     monkeypatch.setattr(quant, "GEMV_MATCHED_LOADS", matched_loads)
     monkeypatch.setattr(quant, "GEMV_STATIC_ROWS", static_rows)
+    monkeypatch.setattr(quant, "GEMV_EARLY_WEIGHTS", early)
 
     # The interpreter takes fp16 (not bf16) 16-bit weights, and float32 activations for INT8.
     dtype = torch.bfloat16 if ON_GPU else (torch.float16 if weights == "16-bit" else torch.float32)

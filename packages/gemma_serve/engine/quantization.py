@@ -293,9 +293,10 @@ ONE_TOKEN_GEMV = os.environ.get("GEMMA_ONE_TOKEN_GEMV", "1") == "1"
 # gate_up's GELU in the one-token kernel's epilogue; GEMMA_FUSED_GELU=0 runs the GELU kernel after it.
 FUSED_GELU = os.environ.get("GEMMA_FUSED_GELU", "1") == "1"
 # The one-token kernel reads its first tile of 16-bit weights before the PDL wait, overlapping the
-# kernel before it; GEMMA_GEMV_EARLY_WEIGHTS=0 waits first. Not for 8-bit weights: the loop with its
-# first step taken out compiled slower there (INT8 qkv 10.3 against 6.0 us on an H200).
-GEMV_EARLY_WEIGHTS = os.environ.get("GEMMA_GEMV_EARLY_WEIGHTS", "1") == "1"
+# kernel before it; GEMMA_GEMV_EARLY_WEIGHTS=0 waits first. Not for 8-bit weights by default: the loop
+# with its first step taken out measured slower there (INT8 qkv 10.3 against 6.0 us on an H200, with
+# the layout change in every step, see `matched_load_width`); "all" reads 8-bit ones early too.
+GEMV_EARLY_WEIGHTS = os.environ.get("GEMMA_GEMV_EARLY_WEIGHTS", "1")
 # The one-token kernel's weight loads as wide as x's share per thread (`matched_load_width`), so its
 # K loop needs no layout change. Off until measured on a GPU (GEMMA_GEMV_MATCHED_LOADS=1 turns it
 # on; `quant_bench --gemv-variants` times both).
@@ -547,6 +548,19 @@ if triton is not None:
         return (w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint32).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _gemv_step(acc, x_sum, w, x, WIDEN: tl.constexpr):
+        """One K step of the one-token kernel: acc [N, K] += widened w [N, K] * x [K] (and x's sum, which
+        the subnormal widenings take back out at the end)."""
+        if WIDEN == 0:
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        elif WIDEN >= 3:
+            acc += _int8_as_subnormal(w, WIDEN == 4) * (x.to(tl.float32) * _X_UP)[None, :]
+            x_sum += x.to(tl.float32)
+        else:
+            acc += _widen_to_float32(w, WIDEN) * x.to(tl.float32)[None, :]
+        return acc, x_sum
+
+    @triton.jit
     def _weight_only_gemv_kernel(X, W, S, OUT, N, K, stride_wn, stride_split, split_k, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WIDEN: tl.constexpr,
                                  HAS_SCALE: tl.constexpr = True, GELU_MUL: tl.constexpr = False,
@@ -559,8 +573,8 @@ if triton is not None:
         GELU_MUL (split_k 1): W is a gate_up matrix [2N, K]; each program takes BLOCK_N / 2 gate rows
         and the up rows of the same channels, and stores gelu_tanh(gate) * up [N]: the gate_up
         output never goes to memory, and the GELU kernel is not launched.
-        EARLY_W (16-bit weights, EVEN_K, the split's K range not empty): the first weight tile is
-        read before the PDL wait. W_VEC: weights per thread and load (0: as wide as alignment allows,
+        EARLY_W (EVEN_K, the split's K range not empty): the first weight tile is read before the
+        PDL wait. W_VEC: weights per thread and load (0: as wide as alignment allows,
         16 bytes; see `matched_load_width`). ROW_STRIDE (non-zero): the weight's row stride, with
         no program's rows past N (`_static_row_stride`)."""
         pid_n = tl.program_id(0)
@@ -600,7 +614,7 @@ if triton is not None:
             w_first = tl.load(w_ptrs, eviction_policy="evict_first")
         pdl_wait(PDL)
         if EARLY_W:  # the loop's first step, on the tile already read: the same sums in the same order
-            acc += w_first.to(tl.float32) * tl.load(x_ptrs).to(tl.float32)[None, :]
+            acc, x_sum = _gemv_step(acc, x_sum, w_first, tl.load(x_ptrs), WIDEN)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             start = first + 1
@@ -613,13 +627,7 @@ if triton is not None:
                 w = tl.load(W + rows[:, None] * stride_wn + tl.minimum(cols, K - 1)[None, :],
                             eviction_policy="evict_first")
                 x = tl.load(X + cols, mask=cols < K, other=0.0)
-            if WIDEN == 0:
-                acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-            elif WIDEN >= 3:
-                acc += _int8_as_subnormal(w, WIDEN == 4) * (x.to(tl.float32) * _X_UP)[None, :]
-                x_sum += x.to(tl.float32)
-            else:
-                acc += _widen_to_float32(w, WIDEN) * x.to(tl.float32)[None, :]
+            acc, x_sum = _gemv_step(acc, x_sum, w, x, WIDEN)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         y = tl.sum(acc, axis=1)
@@ -753,8 +761,9 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
                                                      cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                                      EVEN_K=even_k, WIDEN=widen, HAS_SCALE=scale is not None,
                                                      GELU_MUL=gelu_mul, num_warps=cfg.num_warps,
-                                                     EARLY_W=(GEMV_EARLY_WEIGHTS and scale is None and even_k
-                                                              and cfg.split_k == 1),
+                                                     EARLY_W=(even_k and cfg.split_k == 1 and (
+                                                         GEMV_EARLY_WEIGHTS == "all"
+                                                         or (GEMV_EARLY_WEIGHTS == "1" and scale is None))),
                                                      W_VEC=matched_load_width(cfg) if GEMV_MATCHED_LOADS else 0,
                                                      ROW_STRIDE=_static_row_stride(qweight, n_out, cfg, gelu_mul),
                                                      num_stages=cfg.num_stages, **pdl_launch(x2))
