@@ -1,12 +1,10 @@
 """What the one-token kernel's K loop compiles to for an sm_90 GPU, on a machine without one.
 
 Compiles `quantization._weight_only_gemv_kernel` with the engine's tiles for Gemma 3 4B's
-projections (and the INT8 LM head), bf16 and INT8 weights, using the ptxas that ships with Triton,
-with the engine's loop and with the experimental switches (weight loads matched to x's layout,
-`matched_load_width`; the row stride compiled in, `_static_row_stride`; INT8 widened by PTX byte
-permutes), and prints per variant: registers, instructions in the K loop, and the loop's global
-loads, shared-memory traffic and barriers. A shared-memory round trip with barriers in the loop is
-a layout change Triton inserted between the weight tile and x.
+projections (and the INT8 LM head), bf16 and INT8 weights (both INT8 widenings: float-add and
+half2), using the ptxas that ships with Triton, and prints per variant: registers, instructions in
+the K loop, and the loop's global loads, shared-memory traffic and barriers. A shared-memory round
+trip with barriers in the loop is a layout change Triton inserted between the weight tile and x.
 
     PYTHONPATH=packages python bench/gemv_sass.py                      # this environment's Triton
     pip install --target /tmp/t36 triton==3.6.0                         # the GPU image's Triton
@@ -98,26 +96,20 @@ def main(argv: list[str] | None = None) -> int:
             if method == "bf16" and name == "LM head":
                 continue  # a 16-bit LM head runs on cuBLAS
             cfg = quant.one_token_config(n, k) if method == "bf16" else quant.kernel_config(1, n, k, 132)
-            matched = quant.matched_load_width(cfg)
-            rows = cfg.block_n // 2 if gelu else cfg.block_n
-            stride = k if (n // 2 if gelu else n) % rows == 0 else 0
-            widen = quant._WIDEN_INT8 if method == "int8" else 0
-            variants = [("widest loads", 0, 0, widen), ("matched loads", matched, 0, widen),
-                        ("matched, static rows", matched, stride, widen)]
+            variants = [("float-add" if method == "int8" else "16-bit", quant._WIDEN_INT8 if method == "int8" else 0)]
             if method == "int8":
-                variants.append(("matched, static rows, PTX widening", matched, stride,
-                                 quant._WIDEN_INT8_SUBNORMAL_PTX))
-            for label, w_vec, row_stride, widen in variants:
+                variants.append(("half2", quant._WIDEN_INT8_HALF2))
+            for label, widen in variants:
                 args = dict(X=x, W=weight, S=f32, OUT=f32, N=n // 2 if gelu else n, K=k, stride_wn=k,
                             stride_split=n, split_k=cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                             EVEN_K=k % cfg.block_k == 0, WIDEN=widen, HAS_SCALE=method == "int8", GELU_MUL=gelu,
-                            W_VEC=w_vec, ROW_STRIDE=row_stride, PDL=True)
+                            PDL=True)
                 kernel = compile_sm90(quant._weight_only_gemv_kernel, args, cfg.num_warps, cfg.num_stages)
                 cubin = kernel.asm["cubin"]
                 registers = re.search(r"REG:(\d+)", _tool("cuobjdump", cubin, "-res-usage")).group(1)
                 count, ops = loop_profile(_tool("nvdisasm", cubin, "-c"))
                 print(f"{method:4s} {name:12s} {cfg.block_n}x{cfg.block_k} w{cfg.num_warps} s{cfg.num_stages} "
-                      f"{label:34s}: {registers:>3s} registers, K loop {count:3d} instructions, "
+                      f"{label:10s}: {registers:>3s} registers, K loop {count:3d} instructions, "
                       f"{' '.join(f'{op} x{c}' for op, c in sorted(ops.items()))}", flush=True)
     return 0
 

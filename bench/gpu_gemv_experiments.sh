@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One GPU call for the one-token kernel's experimental loops (docs/benchmarks.md, sixth run: weight
-# loads matched to x's layout, the row stride compiled in, INT8 widened by PTX byte permutes), all
-# off by default until this has been run: the GPU tests with them on, a layer's projections with
-# each added in turn (quant_bench --gemv-variants), and W1 bf16 / INT8 without and with them (and
-# with 8-bit weights read before the PDL wait too). About 5 minutes on an H200. Writes 7 files under
-# $OUT (default bench-out/; the device returns at most 8).
+# One GPU call for the one-token kernel's experimental INT8 path, half2 (GEMMA_INT8_GEMV_WIDEN=half2:
+# weights and x as float16 pairs, multiplied two at a time; `quantization._int8_half2_dot16`): the GPU
+# tests with it on, a layer's projections with and without it (quant_bench --gemv-variants), the
+# widenings per projection and tile (quant_bench --int8-gemv), and W1 INT8 without and with it.
+# About 6 minutes on an H200. Writes 7 files under $OUT (default bench-out/; the device returns at
+# most 8). The lean-loop switches this script measured before are in docs/benchmarks.md (seventh run).
 #
 #   OUT=/some/dir bash bench/gpu_gemv_experiments.sh
 set -u
@@ -12,22 +12,19 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 export PYTHONPATH=packages
-LEAN=(GEMMA_GEMV_MATCHED_LOADS=1 GEMMA_GEMV_STATIC_ROWS=1 GEMMA_INT8_GEMV_WIDEN=subnormal-ptx)
 
-env "${LEAN[@]}" timeout 240 python3 -m pytest -q -s -p no:cacheprovider -rf tests/gpu/test_quantization.py \
-    tests/gpu/test_cuda_graphs.py -k "one_token or engine_logits or bf16_graph or programmatic" \
-    > "$OUT/gpu-tests-lean.log" 2>&1
-tail -3 "$OUT/gpu-tests-lean.log"
-timeout 120 python3 -m gemma_serve.bench.quant_bench --gemv-variants --out "$OUT/gemv-variants.json" \
+GEMMA_INT8_GEMV_WIDEN=half2 timeout 200 python3 -m pytest -q -s -p no:cacheprovider -rf tests/gpu/test_quantization.py \
+    -k "widenings or half2 or one_token or engine_logits" > "$OUT/gpu-tests-half2.log" 2>&1
+tail -3 "$OUT/gpu-tests-half2.log"
+timeout 150 python3 -m gemma_serve.bench.quant_bench --gemv-variants --out "$OUT/gemv-variants.json" \
     > "$OUT/gemv-variants.log" 2>&1
-grep -E "layer of 4|matched" "$OUT/gemv-variants.log"
-# W1 with the engine's loop, with the lean one, and with the lean one reading 8-bit weights early too.
-for variant in base lean lean-early; do
-    extra=()
-    [ "$variant" != base ] && extra=("${LEAN[@]}")
-    [ "$variant" = lean-early ] && extra+=(GEMMA_GEMV_EARLY_WEIGHTS=all)
-    echo "== $variant: ${extra[*]}" >> "$OUT/w1.log"
-    env "${extra[@]}" timeout 150 python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization none,int8 \
-        --out "$OUT/w1-$variant.json" >> "$OUT/w1.log" 2>&1
+grep -E "layer of 4|half2" "$OUT/gemv-variants.log"
+for widen in float-add half2; do
+    echo "== GEMMA_INT8_GEMV_WIDEN=$widen" >> "$OUT/w1.log"
+    GEMMA_INT8_GEMV_WIDEN=$widen timeout 120 python3 -m gemma_serve.bench.engine_bench --workloads W1 \
+        --quantization int8 --out "$OUT/w1-$widen.json" >> "$OUT/w1.log" 2>&1
 done
 grep -E "^==|^W1 " "$OUT/w1.log"
+timeout 240 python3 -m gemma_serve.bench.quant_bench --int8-gemv --out "$OUT/int8-gemv.json" \
+    > "$OUT/int8-gemv.log" 2>&1
+grep -E "int8 one token" "$OUT/int8-gemv.log"

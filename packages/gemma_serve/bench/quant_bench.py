@@ -236,8 +236,7 @@ def bf16_gemv_sweep(copy_gbps: float, layers: int) -> list[dict]:
     return rows
 
 
-INT8_WIDENINGS = {"float-add": quant._WIDEN_INT8, "subnormal": quant._WIDEN_INT8_SUBNORMAL,
-                  "subnormal-ptx": quant._WIDEN_INT8_SUBNORMAL_PTX}
+INT8_WIDENINGS = quant.INT8_GEMV_WIDENINGS
 
 
 def int8_gemv_sweep(copy_gbps: float, layers: int) -> list[dict]:
@@ -289,7 +288,6 @@ def gemv_variants(copy_gbps: float, layers: int) -> list[dict]:
     xs = inputs(1)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
-    matched_default = quant.GEMV_MATCHED_LOADS, quant.GEMV_STATIC_ROWS
     for method in ("bf16", "int8"):
         weights = make_weights(method, SHAPES, layers)
         bound_us = weight_bytes(weights) / (copy_gbps * 1e9) * 1e6 / layers
@@ -315,27 +313,22 @@ def gemv_variants(copy_gbps: float, layers: int) -> list[dict]:
                     project(layer["down"], xs[10240], **out)
             return run
 
-        # (GELU in the epilogue, float32 outputs, weight loads matched to x's layout, static row
-        # stride, INT8 widening: None for the engine's)
-        ptx = quant._WIDEN_INT8_SUBNORMAL_PTX
-        variants = {"GELU kernel after gate_up": (False, False, False, False, None),
-                    "GELU in gate_up's epilogue": (True, False, False, False, None),
-                    "GELU in the epilogue, float32 outputs": (True, True, False, False, None),
-                    "the same, weight loads matched to x": (True, True, True, False, None),
-                    "matched loads, static row stride": (True, True, True, True, None),
-                    "matched, static rows, PTX widening": (True, True, True, True, ptx)}
+        # (GELU in the epilogue, float32 outputs, INT8 widening: None for the engine's)
+        exact, half2 = quant._WIDEN_INT8, quant._WIDEN_INT8_HALF2
+        variants = {"GELU kernel after gate_up": (False, False, None),
+                    "GELU in gate_up's epilogue": (True, False, None),
+                    "GELU in the epilogue, float32 outputs": (True, True, None),
+                    "the same, INT8 float-add (exact)": (True, True, exact),
+                    "the same, INT8 half2": (True, True, half2)}
         widen = None
-        for label, (fused, out32, matched, static, widen) in variants.items():
+        for label, (fused, out32, widen) in variants.items():
             if method == "bf16" and widen is not None:
                 continue
-            quant.GEMV_MATCHED_LOADS, quant.GEMV_STATIC_ROWS = matched, static
             us = graph_ms(chain(fused, out32)) * 1e3 / layers
             rows.append(dict(method=method, variant=label, us_per_layer=us, bound_us=bound_us))
             print(f"{method:5s} layer of 4 projections, {label:38s} {us:6.1f} us/layer "
                   f"({100 * bound_us / us:4.1f}% of copy bound {bound_us:.1f})", flush=True)
-        widen = None
-        for matched in (False, True):
-            quant.GEMV_MATCHED_LOADS = quant.GEMV_STATIC_ROWS = matched
+        for widen in (exact, half2) if method == "int8" else (None,):
             for name, (n, k) in SHAPES.items():
                 def one(name: str = name, k: int = k):
                     def run() -> None:
@@ -343,10 +336,10 @@ def gemv_variants(copy_gbps: float, layers: int) -> list[dict]:
                             project(layer[name], xs[k])
                     return run
                 us = graph_ms(one()) * 1e3 / layers
-                label = f"{name}, matched loads, static rows" if matched else name
+                label = {None: name, exact: f"{name}, float-add", half2: f"{name}, half2"}[widen]
                 rows.append(dict(method=method, variant=label, us_per_layer=us))
                 print(f"{method:5s} {label:36s} {us:6.1f} us", flush=True)
-        quant.GEMV_MATCHED_LOADS, quant.GEMV_STATIC_ROWS = matched_default
+        widen = None
         n, k = SHAPES["gate_up"]
         for block_n, block_k, warps, stages in ((4, 512, 4, 3), (8, 512, 4, 2), (8, 512, 4, 3), (8, 512, 8, 2),
                                                 (16, 512, 8, 2), (8, 256, 4, 4), (2, 512, 4, 3)):

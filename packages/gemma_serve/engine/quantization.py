@@ -292,43 +292,12 @@ class OneTokenLinear(nn.Linear):
 ONE_TOKEN_GEMV = os.environ.get("GEMMA_ONE_TOKEN_GEMV", "1") == "1"
 # gate_up's GELU in the one-token kernel's epilogue; GEMMA_FUSED_GELU=0 runs the GELU kernel after it.
 FUSED_GELU = os.environ.get("GEMMA_FUSED_GELU", "1") == "1"
-# The one-token kernel reads its first tile of 16-bit weights before the PDL wait, overlapping the
-# kernel before it; GEMMA_GEMV_EARLY_WEIGHTS=0 waits first. Not for 8-bit weights by default: the loop
-# with its first step taken out measured slower there (INT8 qkv 10.3 against 6.0 us on an H200, with
-# the layout change in every step, see `matched_load_width`); "all" reads 8-bit ones early too.
+# The one-token kernel reads its first weight tile before the PDL wait, overlapping the kernel
+# before it (16-bit weights and INT8 on the half2 path: W1 bf16 +2.8%, INT8 half2 590 against 550
+# tok/s on an H200); GEMMA_GEMV_EARLY_WEIGHTS=0 waits first. Not for the other 8-bit paths by default:
+# their loop with its first step taken out measured slower (INT8 float-add qkv 10.3 against 6.0 us);
+# "all" reads every kind early.
 GEMV_EARLY_WEIGHTS = os.environ.get("GEMMA_GEMV_EARLY_WEIGHTS", "1")
-# The one-token kernel's weight loads as wide as x's share per thread (`matched_load_width`), so its
-# K loop needs no layout change. Off until measured on a GPU (GEMMA_GEMV_MATCHED_LOADS=1 turns it
-# on; `quant_bench --gemv-variants` times both).
-GEMV_MATCHED_LOADS = os.environ.get("GEMMA_GEMV_MATCHED_LOADS", "0") == "1"
-# The weight's row stride compiled into the one-token kernel (`_static_row_stride`); off until
-# measured (GEMMA_GEMV_STATIC_ROWS=1).
-GEMV_STATIC_ROWS = os.environ.get("GEMMA_GEMV_STATIC_ROWS", "0") == "1"
-
-
-def matched_load_width(cfg: KernelConfig) -> int:
-    """Weights per thread and load that match x's layout in the one-token kernel: x's K tile spread
-    over the program's threads (BLOCK_K / (32 x warps) each), in loads of at most 16 bytes (8 16-bit
-    values). With the widest weight loads (16 bytes: 16 INT8 or 8 bf16 weights) and x at fewer per
-    thread, Triton 3.6 converts between the two layouts through shared memory, with barriers, in
-    every step of the K loop (INT8 at 4x1024 and 8x512, bf16 at 4x512, for sm_90: `bench/gemv_sass.py`;
-    with this width, none of the tile sweep's shapes keeps a barrier in its loop). 0 where that
-    leaves under 2 per load."""
-    width = min(cfg.block_k // (32 * cfg.num_warps), 8)
-    return width if width >= 2 else 0
-
-
-def _static_row_stride(weight: torch.Tensor, n_out: int, cfg: KernelConfig, gelu_mul: bool) -> int:
-    """The one-token kernel's ROW_STRIDE: the weight's row stride as a compile-time constant, when
-    GEMV_STATIC_ROWS and every program's rows exist (no wrap-around). Its rows are then a fixed
-    distance apart and their loads take immediate offsets from one pointer instead of one pointer
-    each (the listing of `bench/gemv_sass.py`: 184 -> 158 instructions in an INT8 K step at 8x512)."""
-    rows_per_program = cfg.block_n // 2 if gelu_mul else cfg.block_n
-    if not GEMV_STATIC_ROWS or n_out % rows_per_program:
-        return 0
-    return weight.stride(0)
-
-
 def one_token_config(n: int, k: int) -> KernelConfig:
     """Tiles of the one-token kernel on 16-bit weights, from `quant_bench --bf16-gemv` on an H200:
     4 output rows per program, 1024-wide K steps in 2 stages where 1024 divides K, else 512 in 3."""
@@ -485,15 +454,15 @@ def _num_sms(device_index: int) -> int:
 
 
 # How the kernel widens weights: the framework's conversion (to fp16 activations), or integer and
-# float adds into bf16 for INT8 and for FP8 (see `_widen_exact`). The one-token kernel has two more
-# ways for INT8 that skip the float add: the weight's bits as a float32 subnormal, from Triton's
-# byte operations or from four byte permutes per 32-bit word of PTX (see `_int8_as_subnormal`).
-_WIDEN_CONVERT, _WIDEN_INT8, _WIDEN_FP8, _WIDEN_INT8_SUBNORMAL, _WIDEN_INT8_SUBNORMAL_PTX = 0, 1, 2, 3, 4
-# How the one-token kernel widens INT8 weights in the engine: GEMMA_INT8_GEMV_WIDEN=float-add (the
-# default), subnormal, or subnormal-ptx (CUDA only); all exact (tests/gpu/test_quantization.py).
-INT8_GEMV_WIDENINGS = {"float-add": _WIDEN_INT8, "subnormal": _WIDEN_INT8_SUBNORMAL,
-                       "subnormal-ptx": _WIDEN_INT8_SUBNORMAL_PTX}
-INT8_GEMV_WIDEN = INT8_GEMV_WIDENINGS[os.environ.get("GEMMA_INT8_GEMV_WIDEN", "float-add")]
+# float adds into bf16 for INT8 and for FP8 (see `_widen_exact`). The one-token kernel has one more
+# way for INT8: weights and x as float16 pairs, multiplied two at a time (see `_int8_half2_dot16`).
+_WIDEN_CONVERT, _WIDEN_INT8, _WIDEN_FP8, _WIDEN_INT8_HALF2 = 0, 1, 2, 3
+# How the one-token kernel widens INT8 weights in the engine: GEMMA_INT8_GEMV_WIDEN=half2 (the
+# default: W1 INT8 551 against 502 tok/s on an H200, docs/benchmarks.md "seventh run"; float16
+# products, within bf16's output rounding for activations from ~1e-2 up, clamped at float16's
+# 65504), or float-add (exact up to float32 accumulation at any scale; tests/gpu/test_quantization.py).
+INT8_GEMV_WIDENINGS = {"float-add": _WIDEN_INT8, "half2": _WIDEN_INT8_HALF2}
+INT8_GEMV_WIDEN = INT8_GEMV_WIDENINGS[os.environ.get("GEMMA_INT8_GEMV_WIDEN", "half2")]
 
 if triton is not None:
     _FP8_REBIAS = tl.constexpr(2.0 ** 120)  # float32 exponent bias 127 against e4m3's 7
@@ -522,50 +491,71 @@ if triton is not None:
             f = (((u & 0x80) << 24) | ((u & 0x7F) << 20)).to(tl.float32, bitcast=True) * _FP8_REBIAS
         return f
 
-    # The subnormal widening multiplies activations by 2^100 and the sum by 2^49: (q + 128) * 2^-149
-    # times x * 2^100 is (q + 128) * x * 2^-49, a normal float for |x| between 2^-77 and 2^27.
-    _X_UP = tl.constexpr(2.0 ** 100)
-    _SUM_DOWN = tl.constexpr(2.0 ** 49)
+    # The half2 path holds weights as q / 1024 (exact in float16, and at most 1/8 in size, so a sum of
+    # eight products of float16 activations stays finite) and multiplies the sum by 1024 at the end.
+    _HALF2_DOWN = tl.constexpr(1024.0)
+
+    def _half2_asm() -> str:
+        """PTX for `_int8_half2_dot16`: $0-$15 the new accumulators, $16-$19 the weights (4 bytes
+        each), $20-$27 x (float16 pairs), $28-$43 the accumulators."""
+        lines = [".reg .b32 t<4>, h<8>, p, c;", ".reg .f16 lo, hi;", ".reg .f32 f0, f1;",
+                 "mov.b32 c, 0x3C803C80;"]
+        for i in range(4):
+            lines += [f"xor.b32 t{i}, ${16 + i}, 0x80808080;",
+                      f"prmt.b32 h{2 * i}, t{i}, 0x3C3C3C3C, 0x4140;",
+                      f"prmt.b32 h{2 * i + 1}, t{i}, 0x3C3C3C3C, 0x4342;"]
+        lines += [f"sub.rn.f16x2 h{i}, h{i}, c;" for i in range(8)]
+        lines.append("mul.rn.f16x2 p, h0, $20;")
+        lines += [f"fma.rn.f16x2 p, h{i}, ${20 + i}, p;" for i in range(1, 8)]
+        lines += ["mov.b32 {lo, hi}, p;", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;",
+                  "add.f32 $0, $28, f0;", "add.f32 $1, $29, f1;"]
+        lines += [f"mov.b32 ${i}, ${28 + i};" for i in range(2, 16)]
+        return "{\n" + "\n".join(lines) + "\n}"
+
+    _HALF2_ASM = tl.constexpr(_half2_asm())
+    _HALF2_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 28))
 
     @triton.jit
-    def _int8_as_subnormal(w, PTX: tl.constexpr):
-        """INT8 weights q -> the float32 whose bits are q + 128: the subnormal (q + 128) * 2^-149,
-        exact, with one integer operation per weight and no float add (the fused multiply-add that
-        follows takes subnormal inputs at full rate). The caller removes 128 * sum(x) once per row."""
-        if PTX:
-            # One xor flips the four sign bits of a 32-bit word; each byte permute then moves one
-            # byte into the low byte of a zeroed word.
-            return tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t;
-                xor.b32 t, $4, 0x80808080;
-                prmt.b32 $0, t, 0, 0x4440;
-                prmt.b32 $1, t, 0, 0x4441;
-                prmt.b32 $2, t, 0, 0x4442;
-                prmt.b32 $3, t, 0, 0x4443;
-                }""",
-                constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
-        return (w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint32).to(tl.float32, bitcast=True)
+    def _int8_half2_dot16(w, x, acc):
+        """acc + w * x for 16 INT8 weights at a time (one row's, with the engine's 16-byte weight
+        loads), in 32 instructions instead of ~90: each weight byte goes into the low mantissa of
+        the float16 1 + byte / 1024 (one byte permute makes two), a packed subtract of 1.125 leaves
+        q / 1024 exactly, eight packed multiply-adds with x (float16 pairs) leave two sums of eight
+        products each, in float16 (11 bits, where bf16 activations carry 8), and those two are widened
+        and added to the float32 accumulators. Only the first two of the sixteen accumulators change;
+        the caller sums them all."""
+        return tl.inline_asm_elementwise(asm=_HALF2_ASM, constraints=_HALF2_CONSTRAINTS,
+                                         args=[w, x, acc], dtype=tl.float32, is_pure=True, pack=16)
 
     @triton.jit
-    def _gemv_step(acc, x_sum, w, x, WIDEN: tl.constexpr):
-        """One K step of the one-token kernel: acc [N, K] += widened w [N, K] * x [K] (and x's sum, which
-        the subnormal widenings take back out at the end)."""
+    def _bf16_to_half_saturated(x):
+        """bf16 -> float16, values past float16's range clamped to it (two shifts and one packed
+        conversion per pair)."""
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 lo, hi;
+            shl.b32 lo, $1, 16;
+            and.b32 hi, $1, 0xFFFF0000;
+            cvt.rn.satfinite.f16x2.f32 $0, hi, lo;
+            }""",
+            constraints="=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=2)
+
+    @triton.jit
+    def _gemv_step(acc, w, x, WIDEN: tl.constexpr):
+        """One K step of the one-token kernel: acc [N, K] += widened w [N, K] * x [K]."""
         if WIDEN == 0:
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        elif WIDEN >= 3:
-            acc += _int8_as_subnormal(w, WIDEN == 4) * (x.to(tl.float32) * _X_UP)[None, :]
-            x_sum += x.to(tl.float32)
+        elif WIDEN == 3:
+            acc = _int8_half2_dot16(w, _bf16_to_half_saturated(x)[None, :], acc)
         else:
             acc += _widen_to_float32(w, WIDEN) * x.to(tl.float32)[None, :]
-        return acc, x_sum
+        return acc
 
     @triton.jit
     def _weight_only_gemv_kernel(X, W, S, OUT, N, K, stride_wn, stride_split, split_k, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WIDEN: tl.constexpr,
                                  HAS_SCALE: tl.constexpr = True, GELU_MUL: tl.constexpr = False,
-                                 EARLY_W: tl.constexpr = False, W_VEC: tl.constexpr = 0, ROW_STRIDE: tl.constexpr = 0,
-                                 PDL: tl.constexpr = False):
+                                 EARLY_W: tl.constexpr = False, PDL: tl.constexpr = False):
         """One token: OUT[split][n] = scale[n] * sum over this split's K of x[k] * W[n, k], on the FMA
         units (a matrix unit would idle 15 of its 16 rows). Weights go straight from memory to
         registers; the products accumulate per lane and are summed across K once, at the end.
@@ -574,39 +564,24 @@ if triton is not None:
         and the up rows of the same channels, and stores gelu_tanh(gate) * up [N]: the gate_up
         output never goes to memory, and the GELU kernel is not launched.
         EARLY_W (EVEN_K, the split's K range not empty): the first weight tile is read before the
-        PDL wait. W_VEC: weights per thread and load (0: as wide as alignment allows,
-        16 bytes; see `matched_load_width`). ROW_STRIDE (non-zero): the weight's row stride, with
-        no program's rows past N (`_static_row_stride`)."""
+        PDL wait."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         lane = tl.arange(0, BLOCK_N)
-        if ROW_STRIDE:  # the row stride known at compile time, and no row past N
-            stride_wn = ROW_STRIDE
         if GELU_MUL:  # rows gate c, up c, gate c + 1, up c + 1, ...
             offs_n = pid_n * (BLOCK_N // 2) + lane // 2
-            if ROW_STRIDE:
-                rows = offs_n.to(tl.int64) + (lane % 2) * N
-            else:
-                rows = (offs_n % N).to(tl.int64) + (lane % 2) * N
+            rows = (offs_n % N).to(tl.int64) + (lane % 2) * N
         else:
             offs_n = pid_n * BLOCK_N + lane
-            if ROW_STRIDE:
-                rows = offs_n.to(tl.int64)
-            else:
-                rows = (offs_n % N).to(tl.int64)
+            rows = (offs_n % N).to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
         k_tiles = tl.cdiv(K, BLOCK_K)
         per_split = tl.cdiv(k_tiles, split_k)
         first = pid_k * per_split
         last = tl.minimum(first + per_split, k_tiles)
-        if W_VEC:  # weights read W_VEC per thread and load, as x is: no layout change in the loop
-            offs_kw = tl.max_contiguous(offs_k, W_VEC)
-        else:
-            offs_kw = offs_k
-        w_ptrs = W + rows[:, None] * stride_wn + (first * BLOCK_K + offs_kw)[None, :]
+        w_ptrs = W + rows[:, None] * stride_wn + (first * BLOCK_K + offs_k)[None, :]
         x_ptrs = X + first * BLOCK_K + offs_k
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
         start = first
         if EARLY_W:
             # No kernel writes the weights: the first tile is read before the wait, while the kernel
@@ -614,7 +589,7 @@ if triton is not None:
             w_first = tl.load(w_ptrs, eviction_policy="evict_first")
         pdl_wait(PDL)
         if EARLY_W:  # the loop's first step, on the tile already read: the same sums in the same order
-            acc, x_sum = _gemv_step(acc, x_sum, w_first, tl.load(x_ptrs), WIDEN)
+            acc = _gemv_step(acc, w_first, tl.load(x_ptrs), WIDEN)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             start = first + 1
@@ -627,12 +602,12 @@ if triton is not None:
                 w = tl.load(W + rows[:, None] * stride_wn + tl.minimum(cols, K - 1)[None, :],
                             eviction_policy="evict_first")
                 x = tl.load(X + cols, mask=cols < K, other=0.0)
-            acc, x_sum = _gemv_step(acc, x_sum, w, x, WIDEN)
+            acc = _gemv_step(acc, w, x, WIDEN)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
         y = tl.sum(acc, axis=1)
-        if WIDEN >= 3:
-            y = y * _SUM_DOWN - 128.0 * tl.sum(x_sum, axis=0)
+        if WIDEN == 3:
+            y = y * _HALF2_DOWN
         if HAS_SCALE:
             y = y * tl.load(S + rows)
         if GELU_MUL:
@@ -720,6 +695,17 @@ if triton is not None:
         tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=mask)
 
 
+def half2_applies(cfg: KernelConfig, qweight: torch.Tensor) -> bool:
+    """Whether the half2 INT8 path can take this one-token tile. Its inline PTX sums 16 weights of
+    a pack, so a pack must hold 16 consecutive weights of one row: Triton gives each thread one
+    16-byte load of a row (16 INT8 weights) when the weight rows are 16-byte aligned and the tile
+    has at least 16 weights per thread (it spreads a smaller tile thinner), and K is whole tiles.
+    Other tiles take the exact float-add path; tests/gpu/test_quantization.py covers both sides."""
+    k = qweight.shape[1]
+    return (k % cfg.block_k == 0 and cfg.block_k % 16 == 0 and qweight.stride(0) % 16 == 0
+            and qweight.data_ptr() % 16 == 0 and cfg.block_n * cfg.block_k >= 16 * 32 * cfg.num_warps)
+
+
 def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor | None,
                               config: KernelConfig | None = None, int8_gemv_widen: int | None = None,
                               out_dtype: torch.dtype | None = None, gelu_mul: bool = False) -> torch.Tensor:
@@ -754,6 +740,8 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
     out = y if cfg.split_k == 1 else torch.empty((cfg.split_k, m, n), dtype=torch.float32, device=x.device)
     if cfg.block_m == 1 and qweight.dtype == torch.int8 and widen == _WIDEN_INT8:
         widen = int8_gemv_widen if int8_gemv_widen is not None else INT8_GEMV_WIDEN
+        if widen == _WIDEN_INT8_HALF2 and not half2_applies(cfg, qweight):
+            widen = _WIDEN_INT8
     if cfg.block_m == 1:
         if m != 1:
             raise ValueError(f"the one-token kernel (block_m 1) got {m} rows")
@@ -762,10 +750,8 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
                                                      EVEN_K=even_k, WIDEN=widen, HAS_SCALE=scale is not None,
                                                      GELU_MUL=gelu_mul, num_warps=cfg.num_warps,
                                                      EARLY_W=(even_k and cfg.split_k == 1 and (
-                                                         GEMV_EARLY_WEIGHTS == "all"
-                                                         or (GEMV_EARLY_WEIGHTS == "1" and scale is None))),
-                                                     W_VEC=matched_load_width(cfg) if GEMV_MATCHED_LOADS else 0,
-                                                     ROW_STRIDE=_static_row_stride(qweight, n_out, cfg, gelu_mul),
+                                                         GEMV_EARLY_WEIGHTS == "all" or (GEMV_EARLY_WEIGHTS == "1" and (
+                                                             scale is None or widen == _WIDEN_INT8_HALF2)))),
                                                      num_stages=cfg.num_stages, **pdl_launch(x2))
     else:
         _weight_only_matmul_kernel[grid](x2, qweight, scale, out, m, n, k, x2.stride(0), qweight.stride(0), n,
