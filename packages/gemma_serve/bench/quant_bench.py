@@ -313,29 +313,22 @@ def gemv_variants(copy_gbps: float, layers: int) -> list[dict]:
                     project(layer["down"], xs[10240], **out)
             return run
 
-        # (GELU in the epilogue, float32 outputs, INT8 widening: None for the engine's, two tiles'
-        # loads in flight: GEMV_PREFETCH)
+        # (GELU in the epilogue, float32 outputs, INT8 widening: None for the engine's)
         exact, half2 = quant._WIDEN_INT8, quant._WIDEN_INT8_HALF2
-        variants = {"GELU kernel after gate_up": (False, False, None, False),
-                    "GELU in gate_up's epilogue": (True, False, None, False),
-                    "GELU in the epilogue, float32 outputs": (True, True, None, False),
-                    "the same, two tiles in flight (prefetch)": (True, True, None, True),
-                    "the same, INT8 float-add (exact)": (True, True, exact, False),
-                    "the same, INT8 half2": (True, True, half2, False),
-                    "the same, INT8 half2, prefetch": (True, True, half2, True)}
-        prefetch_default = quant.GEMV_PREFETCH
+        variants = {"GELU kernel after gate_up": (False, False, None),
+                    "GELU in gate_up's epilogue": (True, False, None),
+                    "GELU in the epilogue, float32 outputs": (True, True, None),
+                    "the same, INT8 float-add (exact)": (True, True, exact),
+                    "the same, INT8 half2": (True, True, half2)}
         widen = None
-        for label, (fused, out32, widen, prefetch) in variants.items():
+        for label, (fused, out32, widen) in variants.items():
             if method == "bf16" and widen is not None:
                 continue
-            quant.GEMV_PREFETCH = prefetch
             us = graph_ms(chain(fused, out32)) * 1e3 / layers
             rows.append(dict(method=method, variant=label, us_per_layer=us, bound_us=bound_us))
-            print(f"{method:5s} layer of 4 projections, {label:42s} {us:6.1f} us/layer "
+            print(f"{method:5s} layer of 4 projections, {label:38s} {us:6.1f} us/layer "
                   f"({100 * bound_us / us:4.1f}% of copy bound {bound_us:.1f})", flush=True)
-        singles = [(exact, False), (half2, False), (half2, True)] if method == "int8" else [(None, False), (None, True)]
-        for widen, prefetch in singles:
-            quant.GEMV_PREFETCH = prefetch
+        for widen in (exact, half2) if method == "int8" else (None,):
             for name, (n, k) in SHAPES.items():
                 def one(name: str = name, k: int = k):
                     def run() -> None:
@@ -344,10 +337,8 @@ def gemv_variants(copy_gbps: float, layers: int) -> list[dict]:
                     return run
                 us = graph_ms(one()) * 1e3 / layers
                 label = {None: name, exact: f"{name}, float-add", half2: f"{name}, half2"}[widen]
-                label += ", prefetch" if prefetch else ""
                 rows.append(dict(method=method, variant=label, us_per_layer=us))
                 print(f"{method:5s} {label:36s} {us:6.1f} us", flush=True)
-        quant.GEMV_PREFETCH = prefetch_default
         widen = None
         n, k = SHAPES["gate_up"]
         for block_n, block_k, warps, stages in ((4, 512, 4, 3), (8, 512, 4, 2), (8, 512, 4, 3), (8, 512, 8, 2),

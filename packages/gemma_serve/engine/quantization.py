@@ -298,10 +298,6 @@ FUSED_GELU = os.environ.get("GEMMA_FUSED_GELU", "1") == "1"
 # their loop with its first step taken out measured slower (INT8 float-add qkv 10.3 against 6.0 us);
 # "all" reads every kind early.
 GEMV_EARLY_WEIGHTS = os.environ.get("GEMMA_GEMV_EARLY_WEIGHTS", "1")
-# The one-token kernel's K loop reads tile t + 1 while it sums tile t (experimental, off until
-# measured: GEMMA_GEMV_PREFETCH=1). Where a projection has few programs per SM (qkv, o, down), one
-# tile per program in flight may be too few bytes to cover DRAM latency.
-GEMV_PREFETCH = os.environ.get("GEMMA_GEMV_PREFETCH", "0") == "1"
 def one_token_config(n: int, k: int) -> KernelConfig:
     """Tiles of the one-token kernel on 16-bit weights, from `quant_bench --bf16-gemv` on an H200:
     4 output rows per program, 1024-wide K steps in 2 stages where 1024 divides K, else 512 in 3."""
@@ -559,8 +555,7 @@ if triton is not None:
     def _weight_only_gemv_kernel(X, W, S, OUT, N, K, stride_wn, stride_split, split_k, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WIDEN: tl.constexpr,
                                  HAS_SCALE: tl.constexpr = True, GELU_MUL: tl.constexpr = False,
-                                 EARLY_W: tl.constexpr = False, PREFETCH: tl.constexpr = False,
-                                 PDL: tl.constexpr = False):
+                                 EARLY_W: tl.constexpr = False, PDL: tl.constexpr = False):
         """One token: OUT[split][n] = scale[n] * sum over this split's K of x[k] * W[n, k], on the FMA
         units (a matrix unit would idle 15 of its 16 rows). Weights go straight from memory to
         registers; the products accumulate per lane and are summed across K once, at the end.
@@ -569,8 +564,7 @@ if triton is not None:
         and the up rows of the same channels, and stores gelu_tanh(gate) * up [N]: the gate_up
         output never goes to memory, and the GELU kernel is not launched.
         EARLY_W (EVEN_K, the split's K range not empty): the first weight tile is read before the
-        PDL wait. PREFETCH (EVEN_K): the loop takes two tiles a step and issues both tiles' loads
-        before summing either, so a program keeps two tiles of loads in flight instead of one."""
+        PDL wait."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         lane = tl.arange(0, BLOCK_N)
@@ -599,32 +593,18 @@ if triton is not None:
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             start = first + 1
-        if PREFETCH:  # (EVEN_K) two tiles' loads issued before either is summed: two in flight
-            for t in range(start, last, 2):
+        for t in range(start, last):
+            if EVEN_K:
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
                 x = tl.load(x_ptrs)
-                # The pair's second tile; past the split's end it is zeros, which add nothing. (The
-                # mask is a vector constant across the tile, so the loads stay 16 bytes wide.)
-                more = (t + 1) * BLOCK_K + offs_k < last * BLOCK_K
-                w2 = tl.load(w_ptrs + BLOCK_K, mask=more[None, :], other=0, eviction_policy="evict_first")
-                x2 = tl.load(x_ptrs + BLOCK_K, mask=more, other=0.0)
-                acc = _gemv_step(acc, w, x, WIDEN)
-                acc = _gemv_step(acc, w2, x2, WIDEN)
-                w_ptrs += 2 * BLOCK_K
-                x_ptrs += 2 * BLOCK_K
-        else:
-            for t in range(start, last):
-                if EVEN_K:
-                    w = tl.load(w_ptrs, eviction_policy="evict_first")
-                    x = tl.load(x_ptrs)
-                else:
-                    cols = t * BLOCK_K + offs_k
-                    w = tl.load(W + rows[:, None] * stride_wn + tl.minimum(cols, K - 1)[None, :],
-                                eviction_policy="evict_first")
-                    x = tl.load(X + cols, mask=cols < K, other=0.0)
-                acc = _gemv_step(acc, w, x, WIDEN)
-                w_ptrs += BLOCK_K
-                x_ptrs += BLOCK_K
+            else:
+                cols = t * BLOCK_K + offs_k
+                w = tl.load(W + rows[:, None] * stride_wn + tl.minimum(cols, K - 1)[None, :],
+                            eviction_policy="evict_first")
+                x = tl.load(X + cols, mask=cols < K, other=0.0)
+            acc = _gemv_step(acc, w, x, WIDEN)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
         y = tl.sum(acc, axis=1)
         if WIDEN == 3:
             y = y * _HALF2_DOWN
@@ -772,7 +752,6 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
                                                      EARLY_W=(even_k and cfg.split_k == 1 and (
                                                          GEMV_EARLY_WEIGHTS == "all" or (GEMV_EARLY_WEIGHTS == "1" and (
                                                              scale is None or widen == _WIDEN_INT8_HALF2)))),
-                                                     PREFETCH=even_k and GEMV_PREFETCH,
                                                      num_stages=cfg.num_stages, **pdl_launch(x2))
     else:
         _weight_only_matmul_kernel[grid](x2, qweight, scale, out, m, n, k, x2.stride(0), qweight.stride(0), n,
