@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One GPU call for the one-token kernel's experimental INT8 path, half2 (GEMMA_INT8_GEMV_WIDEN=half2:
-# weights and x as float16 pairs, multiplied two at a time; `quantization._int8_half2_dot16`): the GPU
-# tests with it on, a layer's projections with and without it (quant_bench --gemv-variants), the
-# widenings per projection and tile (quant_bench --int8-gemv), and W1 INT8 without and with it.
-# About 6 minutes on an H200. Writes 7 files under $OUT (default bench-out/; the device returns at
-# most 8). The lean-loop switches this script measured before are in docs/benchmarks.md (seventh run).
+# One GPU call comparing the INT8 one-token kernel's two widenings, half2 (the default: weights and x
+# as float16 pairs, `quantization._int8_half2_dot16`) and float-add (exact): the GPU tests on half2,
+# a layer's projections with each (quant_bench --gemv-variants), the widenings per projection and
+# tile (quant_bench --int8-gemv), and W1 INT8 with each. About 6 minutes on an H200. Writes 8 files
+# under $OUT (default bench-out/; the device returns at most 8). Results: docs/benchmarks.md (seventh
+# run), which also has what this script measured before (the lean loop) and after (prefetch).
 #
 #   OUT=/some/dir bash bench/gpu_gemv_experiments.sh
 set -u
