@@ -462,7 +462,10 @@ _WIDEN_CONVERT, _WIDEN_INT8, _WIDEN_FP8, _WIDEN_INT8_HALF2 = 0, 1, 2, 3
 # products, within bf16's output rounding for activations from ~1e-2 up, clamped at float16's
 # 65504), or float-add (exact up to float32 accumulation at any scale; tests/gpu/test_quantization.py).
 INT8_GEMV_WIDENINGS = {"float-add": _WIDEN_INT8, "half2": _WIDEN_INT8_HALF2}
-INT8_GEMV_WIDEN = INT8_GEMV_WIDENINGS[os.environ.get("GEMMA_INT8_GEMV_WIDEN", "half2")]
+_INT8_GEMV_WIDEN_NAME = os.environ.get("GEMMA_INT8_GEMV_WIDEN", "half2")
+if _INT8_GEMV_WIDEN_NAME not in INT8_GEMV_WIDENINGS:
+    raise ValueError(f"GEMMA_INT8_GEMV_WIDEN={_INT8_GEMV_WIDEN_NAME!r}: expected one of {sorted(INT8_GEMV_WIDENINGS)}")
+INT8_GEMV_WIDEN = INT8_GEMV_WIDENINGS[_INT8_GEMV_WIDEN_NAME]
 
 if triton is not None:
     _FP8_REBIAS = tl.constexpr(2.0 ** 120)  # float32 exponent bias 127 against e4m3's 7
