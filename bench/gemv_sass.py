@@ -2,7 +2,7 @@
 
 Compiles `quantization._weight_only_gemv_kernel` with the engine's tiles for Gemma 3 4B's
 projections (and the INT8 LM head), bf16 and INT8 weights (both INT8 widenings: float-add and
-half2), using the ptxas that ships with Triton, and prints per variant: registers, instructions in
+half2, and half2 for 2 and 4 tokens at once), using the ptxas that ships with Triton, and prints per variant: registers, instructions in
 the K loop, and the loop's global loads, shared-memory traffic and barriers. A shared-memory round
 trip with barriers in the loop is a layout change Triton inserted between the weight tile and x.
 
@@ -99,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             variants = [("float-add" if method == "int8" else "16-bit", quant._WIDEN_INT8 if method == "int8" else 0)]
             if method == "int8":
                 variants.append(("half2", quant._WIDEN_INT8_HALF2))
-            for label, widen in variants:
+            if method == "int8" and not gelu:
+                variants += [("half2 x2", quant._WIDEN_INT8_HALF2, 2), ("half2 x4", quant._WIDEN_INT8_HALF2, 4)]
+            for label, widen, *tokens in variants:
                 args = dict(X=x, W=weight, S=f32, OUT=f32, N=n // 2 if gelu else n, K=k, stride_wn=k,
-                            stride_split=n, split_k=cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                            EVEN_K=k % cfg.block_k == 0, WIDEN=widen, HAS_SCALE=method == "int8", GELU_MUL=gelu,
-                            PDL=True)
+                            stride_split=n, split_k=cfg.split_k, stride_xm=k, stride_om=n // 2 if gelu else n,
+                            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=k % cfg.block_k == 0, WIDEN=widen,
+                            HAS_SCALE=method == "int8", GELU_MUL=gelu, M_TOK=tokens[0] if tokens else 1, PDL=True)
                 kernel = compile_sm90(quant._weight_only_gemv_kernel, args, cfg.num_warps, cfg.num_stages)
                 cubin = kernel.asm["cubin"]
                 registers = re.search(r"REG:(\d+)", _tool("cuobjdump", cubin, "-res-usage")).group(1)

@@ -249,9 +249,12 @@ def test_kernel_config_picks_the_one_token_kernel_and_splits_k_only_for_few_tile
     down = quant.kernel_config(8, 2560, 10240, sms)
     assert down.split_k > 1 and (2560 // down.block_n) * down.split_k >= 2 * sms
     assert quant.kernel_config(8, 20480, 2560, sms).split_k == 1
-    for m in (2, 7, 16, 24, 64, 256):
+    for m in (2, 4, 7, 16, 24, 64, 256):
         for n, k in shapes:
             cfg = quant.kernel_config(m, n, k, sms)
+            if m <= quant.FEW_TOKEN_ROWS:  # GEMMA_FEW_TOKEN_ROWS: the one-token kernel on m tokens
+                assert cfg == quant.kernel_config(1, n, k, sms)
+                continue
             assert cfg.block_m >= 16 and cfg.block_n >= 16 and cfg.block_k >= 16
             # Every share of K holds at least one tile.
             assert -(-k // cfg.block_k) >= cfg.split_k

@@ -249,6 +249,47 @@ def test_one_token_kernel_float32_outputs_and_gelu_epilogue(weights, inter, k, e
         assert rel_err(fused, exact_out) < (1e-5 if dtype == torch.float32 else 4e-3), cfg
 
 
+@pytest.mark.interpretable
+@pytest.mark.parametrize("weights", ["16-bit", "int8"])
+@pytest.mark.parametrize("m", [2, 3, 4])
+def test_few_token_kernel_matches_float64_reference(weights, m):
+    """The one-token kernel on 2-4 tokens at once (each weight tile read once for all): every
+    token's row is its own product, with K splits (each split's rows in the float32 buffer), a
+    ragged K, and the GELU epilogue; on a GPU on both INT8 widenings."""
+    from gemma_serve.engine.fused_kernels import gelu_mul
+
+    n, k = (2 * 1024, 2560) if ON_GPU else (2 * 24, 320)
+    dtype = torch.bfloat16 if ON_GPU else (torch.float16 if weights == "16-bit" else torch.float32)
+    gen = generator(10 * m + len(weights))
+    w = torch.randn(n, k, device=DEVICE, generator=gen) * 0.02
+    if weights == "int8":
+        q, scale = quant.quantize_weight(w, "int8")
+        exact = q.double() * scale.double()[:, None]
+    else:
+        q, scale = w.to(dtype), None
+        exact = q.double()
+    x = torch.randn(m, k, device=DEVICE, generator=gen).to(dtype)
+    ref = x.double() @ exact.T
+    widenings = [None]
+    if weights == "int8" and dtype == torch.bfloat16:
+        widenings = [quant._WIDEN_INT8, quant._WIDEN_INT8_HALF2]
+    configs = [quant.KernelConfig(1, 8, 512 if ON_GPU else 64, 1, 4, 2),   # whole K tiles
+               quant.KernelConfig(1, 4, 128, 2, 4, 2),                     # K split in two
+               quant.KernelConfig(1, 4, 1024 if ON_GPU else 256, 1, 4, 2)]  # a ragged last K tile
+    for cfg, widen in ((c, wd) for c in configs for wd in widenings):
+        kw = {} if widen is None else dict(int8_gemv_widen=widen)
+        half2 = widen == quant._WIDEN_INT8_HALF2 and quant.half2_applies(cfg, q)
+        tol = 2e-3 if half2 else 1e-5
+        out = quant.triton_weight_only_linear(x, q, scale, cfg, out_dtype=torch.float32, **kw)
+        assert out.shape == (m, n)
+        for row in range(m):  # each token on its own, so a mix-up between rows cannot pass
+            assert rel_err(out[row], ref[row]) < tol, f"m={m} row {row} {cfg} widen {widen}"
+        if cfg.split_k == 1:
+            fused = quant.triton_weight_only_linear(x, q, scale, cfg, gelu_mul=True, **kw)
+            assert fused.shape == (m, n // 2)
+            assert rel_err(fused, gelu_mul(out, dtype)) < (1e-6 if dtype == torch.float32 else 4e-3), cfg
+
+
 def test_projections_return_float32_when_the_model_asks():
     """`out_dtype` float32: the one-token kernel, the INT8 kernels and cuBLAS return unrounded
     accumulators up to `out_dtype_max_rows` rows, and 16-bit outputs above; the fused GELU path

@@ -298,6 +298,11 @@ FUSED_GELU = os.environ.get("GEMMA_FUSED_GELU", "1") == "1"
 # their loop with its first step taken out measured slower (INT8 float-add qkv 10.3 against 6.0 us);
 # "all" reads every kind early.
 GEMV_EARLY_WEIGHTS = os.environ.get("GEMMA_GEMV_EARLY_WEIGHTS", "1")
+# The one-token kernel takes up to 4 tokens at once (each weight tile read once for all): 8-bit
+# weights at 2..GEMMA_FEW_TOKEN_ROWS rows run on it instead of the matrix-unit kernel (which is no
+# faster than cuBLAS on bf16 there, docs/benchmarks.md). 1 (the default until measured): one token only.
+FEW_TOKEN_MAX_ROWS = 4
+FEW_TOKEN_ROWS = min(int(os.environ.get("GEMMA_FEW_TOKEN_ROWS", "1")), FEW_TOKEN_MAX_ROWS)
 def one_token_config(n: int, k: int) -> KernelConfig:
     """Tiles of the one-token kernel on 16-bit weights, from `quant_bench --bf16-gemv` on an H200:
     4 output rows per program, 1024-wide K steps in 2 stages where 1024 divides K, else 512 in 3."""
@@ -422,7 +427,7 @@ def kernel_config(m: int, n: int, k: int, num_sms: int) -> KernelConfig:
     tiles the tokens too, as a plain matmul does."""
     swap = True
     split_target = 2 * num_sms  # programs to reach by splitting K
-    if m == 1:
+    if m <= FEW_TOKEN_ROWS:  # the one-token kernel (1 .. 4 tokens)
         block_m, warps, stages = 1, 4, 2
         block_n, block_k = (4, 1024) if k % 1024 == 0 else (8, 512)
     elif m <= 16:
@@ -437,9 +442,9 @@ def kernel_config(m: int, n: int, k: int, num_sms: int) -> KernelConfig:
         block_m, block_n, block_k, warps, stages = 128, 128, 64, 8, 4
     else:
         block_m, block_n, block_k, warps, stages, swap = 128, 64, 128, 8, 3, False
-    block_n = min(block_n, _pow2_at_least(n, 1 if m == 1 else 16))
+    block_n = min(block_n, _pow2_at_least(n, 1 if block_m == 1 else 16))
     block_k = min(block_k, _pow2_at_least(k, 16))
-    tiles = -(-n // block_n) * -(-m // block_m)
+    tiles = -(-n // block_n) * (1 if block_m == 1 else -(-m // block_m))  # block_m 1: all m in one program
     k_tiles = -(-k // block_k)
     split = 1
     # Each share keeps at least two K tiles, so the loads still pipeline.
@@ -530,6 +535,42 @@ if triton is not None:
         return tl.inline_asm_elementwise(asm=_HALF2_ASM, constraints=_HALF2_CONSTRAINTS,
                                          args=[w, x, acc], dtype=tl.float32, is_pure=True, pack=16)
 
+    def _half2_dot_asm() -> str:
+        """PTX for `_half2_dot16`: $0-$15 the new accumulators, $16-$23 the weights (float16 pairs),
+        $24-$31 x (float16 pairs), $32-$47 the accumulators."""
+        lines = [".reg .b32 p;", ".reg .f16 lo, hi;", ".reg .f32 f0, f1;", "mul.rn.f16x2 p, $16, $24;"]
+        lines += [f"fma.rn.f16x2 p, ${16 + i}, ${24 + i}, p;" for i in range(1, 8)]
+        lines += ["mov.b32 {lo, hi}, p;", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;",
+                  "add.f32 $0, $32, f0;", "add.f32 $1, $33, f1;"]
+        lines += [f"mov.b32 ${i}, ${32 + i};" for i in range(2, 16)]
+        return "{\n" + "\n".join(lines) + "\n}"
+
+    _HALF2_DOT_ASM = tl.constexpr(_half2_dot_asm())
+    _HALF2_DOT_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 32))
+
+    @triton.jit
+    def _int8_to_half_q1024(w):
+        """INT8 weights -> float16 q / 1024, exact (the first half of `_int8_half2_dot16`, for the
+        few-token kernel, which multiplies each converted tile by several tokens' x)."""
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t, c;
+            mov.b32 c, 0x3C803C80;
+            xor.b32 t, $2, 0x80808080;
+            prmt.b32 $0, t, 0x3C3C3C3C, 0x4140;
+            prmt.b32 $1, t, 0x3C3C3C3C, 0x4342;
+            sub.rn.f16x2 $0, $0, c;
+            sub.rn.f16x2 $1, $1, c;
+            }""",
+            constraints="=r,=r,r", args=[w], dtype=tl.float16, is_pure=True, pack=4)
+
+    @triton.jit
+    def _half2_dot16(w, x, acc):
+        """acc + w * x for 16 float16 weights at a time, as in `_int8_half2_dot16` after its
+        conversion: two sums of eight products in float16 added to the first two accumulators."""
+        return tl.inline_asm_elementwise(asm=_HALF2_DOT_ASM, constraints=_HALF2_DOT_CONSTRAINTS,
+                                         args=[w, x, acc], dtype=tl.float32, is_pure=True, pack=16)
+
     @triton.jit
     def _bf16_to_half_saturated(x):
         """bf16 -> float16, values past float16's range clamped to it (two shifts and one packed
@@ -555,10 +596,67 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _weight_only_gemv_kernel(X, W, S, OUT, N, K, stride_wn, stride_split, split_k, BLOCK_N: tl.constexpr,
-                                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WIDEN: tl.constexpr,
-                                 HAS_SCALE: tl.constexpr = True, GELU_MUL: tl.constexpr = False,
-                                 EARLY_W: tl.constexpr = False, PDL: tl.constexpr = False):
+    def _load_x(ptrs, mask):
+        """A K tile of x: whole (mask None) or its valid columns, zeros past K."""
+        if mask is None:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=mask, other=0.0)
+        return x
+
+    @triton.jit
+    def _token_step(acc, wv, x, WIDEN: tl.constexpr):
+        """acc += wv * x for one token of the few-token kernel, on weights `_tokens_step` widened."""
+        if WIDEN == 3:
+            return _half2_dot16(wv, _bf16_to_half_saturated(x)[None, :], acc)
+        return acc + wv * x.to(tl.float32)[None, :]
+
+    @triton.jit
+    def _tokens_step(acc0, acc1, acc2, acc3, w, x_ptrs, stride_xm, x_mask, WIDEN: tl.constexpr,
+                     M_TOK: tl.constexpr):
+        """One K step for M_TOK (1-4) tokens: the weight tile is read and widened once and multiplied
+        by each token's x (x_mask: the K tile's valid columns). One token runs `_gemv_step`."""
+        if M_TOK == 1:
+            acc0 = _gemv_step(acc0, w, _load_x(x_ptrs, x_mask), WIDEN)
+        else:
+            if WIDEN == 3:
+                wv = _int8_to_half_q1024(w)
+            elif WIDEN == 0:
+                wv = w.to(tl.float32)
+            else:
+                wv = _widen_to_float32(w, WIDEN)
+            acc0 = _token_step(acc0, wv, _load_x(x_ptrs, x_mask), WIDEN)
+            acc1 = _token_step(acc1, wv, _load_x(x_ptrs + stride_xm, x_mask), WIDEN)
+            if M_TOK > 2:
+                acc2 = _token_step(acc2, wv, _load_x(x_ptrs + 2 * stride_xm, x_mask), WIDEN)
+            if M_TOK > 3:
+                acc3 = _token_step(acc3, wv, _load_x(x_ptrs + 3 * stride_xm, x_mask), WIDEN)
+        return acc0, acc1, acc2, acc3
+
+    @triton.jit
+    def _gemv_store(acc, token, OUT, S, rows, offs_n, pid_n, pid_k, N, stride_om, stride_split,
+                    BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, HAS_SCALE: tl.constexpr, GELU_MUL: tl.constexpr):
+        """One token's row of the one-token kernel's output: the sums across K, scaled, and (GELU_MUL)
+        gelu(gate) * up."""
+        y = tl.sum(acc, axis=1)
+        if WIDEN == 3:
+            y = y * _HALF2_DOWN
+        if HAS_SCALE:
+            y = y * tl.load(S + rows)
+        if GELU_MUL:
+            gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
+            offs_c = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            tl.store(OUT + token * stride_om + offs_c, gelu_tanh_mul(gate, up).to(OUT.dtype.element_ty),
+                     mask=offs_c < N)
+        else:
+            tl.store(OUT + pid_k * stride_split + token * stride_om + offs_n, y.to(OUT.dtype.element_ty),
+                     mask=offs_n < N)
+
+    @triton.jit
+    def _weight_only_gemv_kernel(X, W, S, OUT, N, K, stride_wn, stride_split, split_k, stride_xm, stride_om,
+                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                                 WIDEN: tl.constexpr, HAS_SCALE: tl.constexpr = True, GELU_MUL: tl.constexpr = False,
+                                 EARLY_W: tl.constexpr = False, M_TOK: tl.constexpr = 1, PDL: tl.constexpr = False):
         """One token: OUT[split][n] = scale[n] * sum over this split's K of x[k] * W[n, k], on the FMA
         units (a matrix unit would idle 15 of its 16 rows). Weights go straight from memory to
         registers; the products accumulate per lane and are summed across K once, at the end.
@@ -567,7 +665,8 @@ if triton is not None:
         and the up rows of the same channels, and stores gelu_tanh(gate) * up [N]: the gate_up
         output never goes to memory, and the GELU kernel is not launched.
         EARLY_W (EVEN_K, the split's K range not empty): the first weight tile is read before the
-        PDL wait."""
+        PDL wait. M_TOK (1-4): tokens (rows of x, stride_xm apart; of OUT, stride_om apart), each
+        weight tile read once for all of them."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         lane = tl.arange(0, BLOCK_N)
@@ -584,7 +683,10 @@ if triton is not None:
         last = tl.minimum(first + per_split, k_tiles)
         w_ptrs = W + rows[:, None] * stride_wn + (first * BLOCK_K + offs_k)[None, :]
         x_ptrs = X + first * BLOCK_K + offs_k
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc1 = acc0
+        acc2 = acc0
+        acc3 = acc0
         start = first
         if EARLY_W:
             # No kernel writes the weights: the first tile is read before the wait, while the kernel
@@ -592,33 +694,35 @@ if triton is not None:
             w_first = tl.load(w_ptrs, eviction_policy="evict_first")
         pdl_wait(PDL)
         if EARLY_W:  # the loop's first step, on the tile already read: the same sums in the same order
-            acc = _gemv_step(acc, w_first, tl.load(x_ptrs), WIDEN)
+            acc0, acc1, acc2, acc3 = _tokens_step(acc0, acc1, acc2, acc3, w_first, x_ptrs, stride_xm, None,
+                                                  WIDEN, M_TOK)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             start = first + 1
         for t in range(start, last):
             if EVEN_K:
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
-                x = tl.load(x_ptrs)
+                acc0, acc1, acc2, acc3 = _tokens_step(acc0, acc1, acc2, acc3, w, x_ptrs, stride_xm, None,
+                                                      WIDEN, M_TOK)
             else:
                 cols = t * BLOCK_K + offs_k
                 w = tl.load(W + rows[:, None] * stride_wn + tl.minimum(cols, K - 1)[None, :],
                             eviction_policy="evict_first")
-                x = tl.load(X + cols, mask=cols < K, other=0.0)
-            acc = _gemv_step(acc, w, x, WIDEN)
+                acc0, acc1, acc2, acc3 = _tokens_step(acc0, acc1, acc2, acc3, w, X + cols, stride_xm, cols < K,
+                                                      WIDEN, M_TOK)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-        y = tl.sum(acc, axis=1)
-        if WIDEN == 3:
-            y = y * _HALF2_DOWN
-        if HAS_SCALE:
-            y = y * tl.load(S + rows)
-        if GELU_MUL:
-            gate, up = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
-            offs_c = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-            tl.store(OUT + offs_c, gelu_tanh_mul(gate, up).to(OUT.dtype.element_ty), mask=offs_c < N)
-        else:
-            tl.store(OUT + pid_k * stride_split + offs_n, y.to(OUT.dtype.element_ty), mask=offs_n < N)
+        _gemv_store(acc0, 0, OUT, S, rows, offs_n, pid_n, pid_k, N, stride_om, stride_split, BLOCK_N, WIDEN,
+                    HAS_SCALE, GELU_MUL)
+        if M_TOK > 1:
+            _gemv_store(acc1, 1, OUT, S, rows, offs_n, pid_n, pid_k, N, stride_om, stride_split, BLOCK_N, WIDEN,
+                        HAS_SCALE, GELU_MUL)
+        if M_TOK > 2:
+            _gemv_store(acc2, 2, OUT, S, rows, offs_n, pid_n, pid_k, N, stride_om, stride_split, BLOCK_N, WIDEN,
+                        HAS_SCALE, GELU_MUL)
+        if M_TOK > 3:
+            _gemv_store(acc3, 3, OUT, S, rows, offs_n, pid_n, pid_k, N, stride_om, stride_split, BLOCK_N, WIDEN,
+                        HAS_SCALE, GELU_MUL)
 
     @triton.jit(do_not_specialize=["M"])
     def _weight_only_matmul_kernel(X, W, S, OUT, M, N, K, stride_xm, stride_wn, stride_om, stride_split, split_k,
@@ -746,10 +850,11 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
         if widen == _WIDEN_INT8_HALF2 and not half2_applies(cfg, qweight):
             widen = _WIDEN_INT8
     if cfg.block_m == 1:
-        if m != 1:
-            raise ValueError(f"the one-token kernel (block_m 1) got {m} rows")
+        if m > FEW_TOKEN_MAX_ROWS:
+            raise ValueError(f"the one-token kernel (block_m 1) takes at most {FEW_TOKEN_MAX_ROWS} rows, got {m}")
         _weight_only_gemv_kernel[(grid[0], grid[2])](x2, qweight, scale, out, n_out, k, qweight.stride(0), m * n,
-                                                     cfg.split_k, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                                                     cfg.split_k, x2.stride(0), n_out, M_TOK=m,
+                                                     BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                                      EVEN_K=even_k, WIDEN=widen, HAS_SCALE=scale is not None,
                                                      GELU_MUL=gelu_mul, num_warps=cfg.num_warps,
                                                      EARLY_W=(even_k and cfg.split_k == 1 and (
