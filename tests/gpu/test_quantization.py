@@ -53,7 +53,7 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
 
 
 @pytest.mark.parametrize("method", methods())
-@pytest.mark.parametrize("m", [1, 7, 64, 256])
+@pytest.mark.parametrize("m", [1, 2, 4, 7, 64, 256])
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_kernel_matches_float64_reference(method, m, n, k):
     q, scale = quantized(n, k, method, seed=n + k)

@@ -302,7 +302,7 @@ GEMV_EARLY_WEIGHTS = os.environ.get("GEMMA_GEMV_EARLY_WEIGHTS", "1")
 # weights at 2..GEMMA_FEW_TOKEN_ROWS rows run on it instead of the matrix-unit kernel (which is no
 # faster than cuBLAS on bf16 there, docs/benchmarks.md). 1 (the default until measured): one token only.
 FEW_TOKEN_MAX_ROWS = 4
-FEW_TOKEN_ROWS = min(int(os.environ.get("GEMMA_FEW_TOKEN_ROWS", "1")), FEW_TOKEN_MAX_ROWS)
+FEW_TOKEN_ROWS = min(int(os.environ.get("GEMMA_FEW_TOKEN_ROWS", "4")), FEW_TOKEN_MAX_ROWS)
 def one_token_config(n: int, k: int) -> KernelConfig:
     """Tiles of the one-token kernel on 16-bit weights, from `quant_bench --bf16-gemv` on an H200:
     4 output rows per program, 1024-wide K steps in 2 stages where 1024 divides K, else 512 in 3."""
