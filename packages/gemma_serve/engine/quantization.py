@@ -299,8 +299,9 @@ FUSED_GELU = os.environ.get("GEMMA_FUSED_GELU", "1") == "1"
 # "all" reads every kind early.
 GEMV_EARLY_WEIGHTS = os.environ.get("GEMMA_GEMV_EARLY_WEIGHTS", "1")
 # The one-token kernel takes up to 4 tokens at once (each weight tile read once for all): 8-bit
-# weights at 2..GEMMA_FEW_TOKEN_ROWS rows run on it instead of the matrix-unit kernel (which is no
-# faster than cuBLAS on bf16 there, docs/benchmarks.md). 1 (the default until measured): one token only.
+# weights at 2..GEMMA_FEW_TOKEN_ROWS rows run on it instead of the matrix-unit kernel, which is no
+# faster than cuBLAS on bf16 there (H200, the layers' projections at 2 / 3 / 4 rows: 1.375 / 1.646 /
+# 2.005 ms against 2.221 / - / 2.160 on the matrix units and bf16's 2.10; docs/benchmarks.md).
 FEW_TOKEN_MAX_ROWS = 4
 FEW_TOKEN_ROWS = min(int(os.environ.get("GEMMA_FEW_TOKEN_ROWS", "4")), FEW_TOKEN_MAX_ROWS)
 def one_token_config(n: int, k: int) -> KernelConfig:
@@ -419,8 +420,9 @@ def _pow2_at_least(n: int, low: int) -> int:
 
 def kernel_config(m: int, n: int, k: int, num_sms: int) -> KernelConfig:
     """Tile shapes for an [m, k] x [k, n] product, picked from the sweep of `gemma_serve.bench.quant_bench`
-    on an H200 (docs/benchmarks.md). Decode sizes are bound by streaming the weights: one token runs
-    on the FMA units with 4-8 output rows per program and 4 KB of weights per step of its K loop
+    on an H200 (docs/benchmarks.md). Decode sizes are bound by streaming the weights: one token (up
+    to FEW_TOKEN_ROWS tokens) runs on the FMA units with 4-8 output rows per program and 4 KB of
+    weights per step of its K loop
     (thousands of programs keep every SM's loads in flight; K tiles that divide K, a ragged tile
     costs more than it saves); a few tokens use narrow output tiles on the matrix units with long K
     tiles, and split K when the output has too few tiles to give every SM two programs. Larger m
