@@ -420,13 +420,12 @@ def _pow2_at_least(n: int, low: int) -> int:
 
 def kernel_config(m: int, n: int, k: int, num_sms: int) -> KernelConfig:
     """Tile shapes for an [m, k] x [k, n] product, picked from the sweep of `gemma_serve.bench.quant_bench`
-    on an H200 (docs/benchmarks.md). Decode sizes are bound by streaming the weights: one token (up
-    to FEW_TOKEN_ROWS tokens) runs on the FMA units with 4-8 output rows per program and 4 KB of
-    weights per step of its K loop
-    (thousands of programs keep every SM's loads in flight; K tiles that divide K, a ragged tile
-    costs more than it saves); a few tokens use narrow output tiles on the matrix units with long K
-    tiles, and split K when the output has too few tiles to give every SM two programs. Larger m
-    tiles the tokens too, as a plain matmul does."""
+    on an H200 (docs/benchmarks.md). Decode sizes are bound by streaming the weights: up to
+    FEW_TOKEN_ROWS tokens run on the FMA units with 4-8 output rows per program and 4 KB of weights
+    per step of its K loop (thousands of programs keep every SM's loads in flight; K tiles that
+    divide K, a ragged tile costs more than it saves); up to 16 tokens use narrow output tiles on
+    the matrix units with long K tiles, and split K when the output has too few tiles to give every
+    SM two programs. Larger m tiles the tokens too, as a plain matmul does."""
     swap = True
     split_target = 2 * num_sms  # programs to reach by splitting K
     if m <= FEW_TOKEN_ROWS:  # the one-token kernel (1 .. 4 tokens)
