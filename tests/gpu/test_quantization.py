@@ -95,7 +95,7 @@ def test_tile_shapes_and_k_splits_all_agree(method, m, n, k):
 @pytest.mark.interpretable
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_one_token_linear_matches_float64_reference_and_cublas(dtype, n, k):
+def test_one_token_linear_matches_float64_reference_and_cublas(dtype, n, k, monkeypatch):
     needs_gpu(torch.float32 if dtype == torch.float16 else dtype)  # fp16 loads and FMAs interpret fine
     gen = generator(n * k)
     linear = nn.Linear(k, n, bias=False, device=DEVICE, dtype=dtype)
@@ -118,7 +118,18 @@ def test_one_token_linear_matches_float64_reference_and_cublas(dtype, n, k):
         assert rel_err(torch.nn.functional.linear(x, linear.weight), ref) < tol
     # More than one token (and any CPU input): F.linear, the same as nn.Linear.
     x3 = torch.randn(3, k, device=DEVICE, generator=gen).to(dtype)
+    monkeypatch.setattr(quant, "BF16_FEW_TOKEN_ROWS", 1)
     assert torch.equal(one(x3), torch.nn.functional.linear(x3, linear.weight))
+    # GEMMA_BF16_FEW_TOKEN_ROWS: up to that many tokens on CUDA run on the kernel too, row by row
+    # the same as one token alone.
+    monkeypatch.setattr(quant, "BF16_FEW_TOKEN_ROWS", 4)
+    if ON_GPU:
+        few = one(x3)
+        assert torch.equal(few, quant.triton_weight_only_linear(x3, linear.weight, None, quant.one_token_config(n, k)))
+        assert torch.equal(few[1:2], one(x3[1:2]))
+        assert rel_err(few, x3.double() @ linear.weight.double().T) < tol
+    else:
+        assert torch.equal(one(x3), torch.nn.functional.linear(x3, linear.weight))
 
 
 def accumulator_tolerance(m: int, cfg: quant.KernelConfig, q: torch.Tensor, x: torch.Tensor) -> float:

@@ -69,7 +69,7 @@ def make_weights(method: str, shapes: dict[str, tuple[int, int]], layers: int) -
         layer = {}
         for name, (n, k) in shapes.items():
             w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).bfloat16()
-            layer[name] = w if method == "bf16" else quant.quantize_weight(w, method)
+            layer[name] = w if method.startswith("bf16") else quant.quantize_weight(w, method)
         out.append(layer)
     return out
 
@@ -82,13 +82,18 @@ def weight_bytes(weights: list[dict]) -> int:
     return total
 
 
-def step_fn(weights: list[dict], xs: dict[int, torch.Tensor], config: quant.KernelConfig | None = None):
+def step_fn(weights: list[dict], xs: dict[int, torch.Tensor], config: quant.KernelConfig | None = None,
+            gemv: bool = False):
+    """One decode step's projections. gemv: 16-bit weights on the one-token kernel (up to
+    FEW_TOKEN_MAX_ROWS tokens) instead of cuBLAS."""
     def run() -> None:
         for layer in weights:
             for w in layer.values():
                 if isinstance(w, tuple):
                     q, s = w
                     quant.triton_weight_only_linear(xs[q.shape[1]], q, s, config)
+                elif gemv:
+                    quant.triton_weight_only_linear(xs[w.shape[1]], w, None, quant.one_token_config(*w.shape))
                 else:
                     F.linear(xs[w.shape[1]], w)
     return run
@@ -362,7 +367,8 @@ def gemv_variants(copy_gbps: float, layers: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", default="1,16,64,256", help="rows (decode batch sizes) to time")
-    parser.add_argument("--methods", default="bf16,int8,fp8")
+    parser.add_argument("--methods", default="bf16,int8,fp8",
+                        help="bf16 (cuBLAS), bf16-gemv (the one-token kernel, up to 4 rows), int8, fp8")
     parser.add_argument("--sweep", action="store_true", help="also time candidate tile shapes per projection")
     parser.add_argument("--sweep-batch", default="1,16,256", help="rows to sweep tile shapes at")
     parser.add_argument("--bf16-gemv", action="store_true",
@@ -401,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         weights = make_weights(method, SHAPES, args.layers)
         nbytes = weight_bytes(weights)
         for m in ms:
-            ms_step = graph_ms(step_fn(weights, inputs(m)))
+            if method == "bf16-gemv" and m > quant.FEW_TOKEN_MAX_ROWS:
+                continue
+            ms_step = graph_ms(step_fn(weights, inputs(m), gemv=method == "bf16-gemv"))
             if method == "bf16":
                 base[m] = ms_step
             gbps = nbytes / (ms_step / 1e3) / 1e9

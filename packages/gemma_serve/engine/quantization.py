@@ -277,14 +277,16 @@ class OneTokenLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = output_dtype(x, self.out_dtype, self.out_dtype_max_rows)
-        plan = self.one_token_plan(x)
+        plan = self.one_token_plan(x, BF16_FEW_TOKEN_ROWS)
         if plan is not None:
             return triton_weight_only_linear(x, plan.weight, None, plan.config, out_dtype=out_dtype)
         return matmul(x, self.weight, out_dtype)
 
-    def one_token_plan(self, x: torch.Tensor) -> OneTokenPlan | None:
+    def one_token_plan(self, x: torch.Tensor, max_rows: int = 1) -> OneTokenPlan | None:
+        """The one-token kernel's arguments for x of 1 .. max_rows tokens, or None."""
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if not (ONE_TOKEN_GEMV and triton is not None and x.is_cuda and x.dtype == self.weight.dtype
-                and x.dtype in (torch.bfloat16, torch.float16) and x.numel() == x.shape[-1]):
+                and x.dtype in (torch.bfloat16, torch.float16) and 1 <= rows <= max_rows):
             return None
         return OneTokenPlan(self.weight, None, one_token_config(*self.weight.shape))
 
@@ -304,6 +306,11 @@ GEMV_EARLY_WEIGHTS = os.environ.get("GEMMA_GEMV_EARLY_WEIGHTS", "1")
 # 2.005 ms against 2.221 / - / 2.160 on the matrix units and bf16's 2.10; docs/benchmarks.md).
 FEW_TOKEN_MAX_ROWS = 4
 FEW_TOKEN_ROWS = min(int(os.environ.get("GEMMA_FEW_TOKEN_ROWS", "4")), FEW_TOKEN_MAX_ROWS)
+# 16-bit weights at 2..GEMMA_BF16_FEW_TOKEN_ROWS tokens on the one-token kernel too (at most 4);
+# 1 (the default until measured against cuBLAS, `quant_bench --methods bf16,bf16-gemv`): one token.
+BF16_FEW_TOKEN_ROWS = min(int(os.environ.get("GEMMA_BF16_FEW_TOKEN_ROWS", "1")), FEW_TOKEN_MAX_ROWS)
+
+
 def one_token_config(n: int, k: int) -> KernelConfig:
     """Tiles of the one-token kernel on 16-bit weights, from `quant_bench --bf16-gemv` on an H200:
     4 output rows per program, 1024-wide K steps in 2 stages where 1024 divides K, else 512 in 3."""
