@@ -132,6 +132,16 @@ def test_one_token_linear_matches_float64_reference_and_cublas(dtype, n, k, monk
         assert torch.equal(one(x3), torch.nn.functional.linear(x3, linear.weight))
 
 
+def one_token_weights(weights: str, n: int, k: int, dtype: torch.dtype, gen: torch.Generator):
+    """(weight, scale, the exact float64 matrix) for the one-token kernel: "int8" quantized with
+    scales, or "16-bit" in dtype without."""
+    w = torch.randn(n, k, device=DEVICE, generator=gen) * 0.02
+    if weights == "int8":
+        q, scale = quant.quantize_weight(w, "int8")
+        return q, scale, q.double() * scale.double()[:, None]
+    return w.to(dtype), None, w.to(dtype).double()
+
+
 def accumulator_tolerance(m: int, cfg: quant.KernelConfig, q: torch.Tensor, x: torch.Tensor) -> float:
     """The relative error float32 outputs may carry: the exact product up to float32 sums (1e-5),
     or float16 products where the engine's INT8 one-token path (half2) takes the tile (2e-3)."""
@@ -229,13 +239,7 @@ def test_one_token_kernel_float32_outputs_and_gelu_epilogue(weights, inter, k, e
     # The interpreter takes fp16 (not bf16) 16-bit weights, and float32 activations for INT8.
     dtype = torch.bfloat16 if ON_GPU else (torch.float16 if weights == "16-bit" else torch.float32)
     gen = generator(inter + k)
-    w = torch.randn(2 * inter, k, device=DEVICE, generator=gen) * 0.02
-    if weights == "int8":
-        q, scale = quant.quantize_weight(w, "int8")
-        exact = q.double() * scale.double()[:, None]
-    else:
-        q, scale = w.to(dtype), None
-        exact = q.double()
+    q, scale, exact = one_token_weights(weights, 2 * inter, k, dtype, gen)
     x = torch.randn(1, k, device=DEVICE, generator=gen).to(dtype)
     ref = x.double() @ exact.T
     widenings = [None]
@@ -272,13 +276,7 @@ def test_few_token_kernel_matches_float64_reference(weights, m):
     n, k = (2 * 1024, 2560) if ON_GPU else (2 * 24, 320)
     dtype = torch.bfloat16 if ON_GPU else (torch.float16 if weights == "16-bit" else torch.float32)
     gen = generator(10 * m + len(weights))
-    w = torch.randn(n, k, device=DEVICE, generator=gen) * 0.02
-    if weights == "int8":
-        q, scale = quant.quantize_weight(w, "int8")
-        exact = q.double() * scale.double()[:, None]
-    else:
-        q, scale = w.to(dtype), None
-        exact = q.double()
+    q, scale, exact = one_token_weights(weights, n, k, dtype, gen)
     x = torch.randn(m, k, device=DEVICE, generator=gen).to(dtype)
     ref = x.double() @ exact.T
     widenings = [None]

@@ -511,6 +511,16 @@ if triton is not None:
     # eight products of float16 activations stays finite) and multiplies the sum by 1024 at the end.
     _HALF2_DOWN = tl.constexpr(1024.0)
 
+    def _half2_dot_lines(weights: list[str], x_first: int, acc_first: int) -> list[str]:
+        """PTX of the half2 products for one pack of 16: eight packed multiply-adds of the weight
+        pairs `weights` with x's pairs ($x_first on), their two float16 sums widened and added to the
+        first two accumulators ($acc_first on), the other fourteen passed through."""
+        lines = [f"mul.rn.f16x2 p, {weights[0]}, ${x_first};"]
+        lines += [f"fma.rn.f16x2 p, {weights[i]}, ${x_first + i}, p;" for i in range(1, 8)]
+        lines += ["mov.b32 {lo, hi}, p;", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;",
+                  f"add.f32 $0, ${acc_first}, f0;", f"add.f32 $1, ${acc_first + 1}, f1;"]
+        return lines + [f"mov.b32 ${i}, ${acc_first + i};" for i in range(2, 16)]
+
     def _half2_asm() -> str:
         """PTX for `_int8_half2_dot16`: $0-$15 the new accumulators, $16-$19 the weights (4 bytes
         each), $20-$27 x (float16 pairs), $28-$43 the accumulators."""
@@ -521,11 +531,7 @@ if triton is not None:
                       f"prmt.b32 h{2 * i}, t{i}, 0x3C3C3C3C, 0x4140;",
                       f"prmt.b32 h{2 * i + 1}, t{i}, 0x3C3C3C3C, 0x4342;"]
         lines += [f"sub.rn.f16x2 h{i}, h{i}, c;" for i in range(8)]
-        lines.append("mul.rn.f16x2 p, h0, $20;")
-        lines += [f"fma.rn.f16x2 p, h{i}, ${20 + i}, p;" for i in range(1, 8)]
-        lines += ["mov.b32 {lo, hi}, p;", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;",
-                  "add.f32 $0, $28, f0;", "add.f32 $1, $29, f1;"]
-        lines += [f"mov.b32 ${i}, ${28 + i};" for i in range(2, 16)]
+        lines += _half2_dot_lines([f"h{i}" for i in range(8)], 20, 28)
         return "{\n" + "\n".join(lines) + "\n}"
 
     _HALF2_ASM = tl.constexpr(_half2_asm())
@@ -546,11 +552,8 @@ if triton is not None:
     def _half2_dot_asm() -> str:
         """PTX for `_half2_dot16`: $0-$15 the new accumulators, $16-$23 the weights (float16 pairs),
         $24-$31 x (float16 pairs), $32-$47 the accumulators."""
-        lines = [".reg .b32 p;", ".reg .f16 lo, hi;", ".reg .f32 f0, f1;", "mul.rn.f16x2 p, $16, $24;"]
-        lines += [f"fma.rn.f16x2 p, ${16 + i}, ${24 + i}, p;" for i in range(1, 8)]
-        lines += ["mov.b32 {lo, hi}, p;", "cvt.f32.f16 f0, lo;", "cvt.f32.f16 f1, hi;",
-                  "add.f32 $0, $32, f0;", "add.f32 $1, $33, f1;"]
-        lines += [f"mov.b32 ${i}, ${32 + i};" for i in range(2, 16)]
+        lines = [".reg .b32 p;", ".reg .f16 lo, hi;", ".reg .f32 f0, f1;"]
+        lines += _half2_dot_lines([f"${16 + i}" for i in range(8)], 24, 32)
         return "{\n" + "\n".join(lines) + "\n}"
 
     _HALF2_DOT_ASM = tl.constexpr(_half2_dot_asm())
