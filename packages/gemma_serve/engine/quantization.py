@@ -142,10 +142,16 @@ class OneTokenPlan:
 
 def projected_gelu_mul(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(gate) * up of x's gate_up projection by `linear` ([2 * inter, K], gate rows then up
-    rows), in x's dtype. One token on CUDA: one kernel, the one-token GEMV with the GELU in its
-    epilogue (the gate_up output never goes to memory). Otherwise the projection (float32 when the
-    layer asks for it) and `fused_kernels.gelu_mul`, rounded once either way."""
-    plan = linear.one_token_plan(x) if isinstance(linear, (OneTokenLinear, QuantizedLinear)) else None
+    rows), in x's dtype. As many tokens on CUDA as the layer runs on the one-token kernel (1; 8-bit
+    weights up to FEW_TOKEN_ROWS, 16-bit up to BF16_FEW_TOKEN_ROWS): one kernel, the one-token GEMV
+    with the GELU in its epilogue (the gate_up output never goes to memory). Otherwise the
+    projection (float32 when the layer asks for it) and `fused_kernels.gelu_mul`, rounded once
+    either way."""
+    plan = None
+    if isinstance(linear, QuantizedLinear):
+        plan = linear.one_token_plan(x, FEW_TOKEN_ROWS)
+    elif isinstance(linear, OneTokenLinear):
+        plan = linear.one_token_plan(x, BF16_FEW_TOKEN_ROWS)
     if FUSED_GELU and plan is not None and plan.config.split_k == 1 and plan.config.block_n % 2 == 0:
         return triton_weight_only_linear(x, plan.weight, plan.scale, plan.config, gelu_mul=True)
     return gelu_mul(linear(x), x.dtype)
@@ -179,8 +185,10 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return weight_only_linear(x, self.weight, self.scale, output_dtype(x, self.out_dtype, self.out_dtype_max_rows))
 
-    def one_token_plan(self, x: torch.Tensor) -> OneTokenPlan | None:
-        if not (_triton_rows(x) and x.numel() == x.shape[-1]):
+    def one_token_plan(self, x: torch.Tensor, max_rows: int = 1) -> OneTokenPlan | None:
+        """The one-token kernel's arguments for x of 1 .. max_rows (at most FEW_TOKEN_ROWS) tokens."""
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if not (_triton_rows(x) and 1 <= rows <= min(max_rows, FEW_TOKEN_ROWS)):
             return None
         n, k = self.weight.shape
         return OneTokenPlan(self.weight, self.scale, kernel_config(1, n, k, _num_sms(x.device.index or 0)))
