@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One GPU call for what is in the code but not yet measured: 16-bit weights at 2-4 tokens on the
-# one-token kernel (GEMMA_BF16_FEW_TOKEN_ROWS, off by default) against cuBLAS, with the GPU tests of
-# the one-token / few-token paths (and the GELU epilogue at 2-4 rows, not yet run on a GPU), and W3 with transformers' generate() repeated three times (its
-# best counts; engine_bench --baseline-repeats). About 5 minutes on an H200. Writes 6 files under
-# $OUT (default bench-out/; the device returns at most 8). What this script measured before (the
-# lean loop, half2, prefetch) is in docs/benchmarks.md (seventh run).
+# One GPU call for what is in the code but not yet run on a GPU: 16-bit weights at 2-4 tokens on the
+# one-token kernel (GEMMA_BF16_FEW_TOKEN_ROWS, off by default) against cuBLAS; the GPU tests of the
+# one-token / few-token paths, including the GELU epilogue at 2-4 rows (`projected_gelu_mul`); and
+# W3 with transformers' generate() run three times, its best counting (engine_bench
+# --baseline-repeats). About 5 minutes on an H200. Writes 6 files under $OUT (default bench-out/;
+# the device returns at most 8). What this script measured before (the lean loop, half2, prefetch)
+# is in docs/benchmarks.md (seventh run).
 #
 #   OUT=/some/dir bash bench/gpu_gemv_experiments.sh
 set -u
