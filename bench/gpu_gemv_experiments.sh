@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call for what is in the code but not yet run on a GPU: 16-bit weights at 2-4 tokens on the
 # one-token kernel (GEMMA_BF16_FEW_TOKEN_ROWS, off by default) against cuBLAS; the GPU tests of the
-# one-token / few-token paths, including the GELU epilogue at 2-4 rows (`projected_gelu_mul`); and
+# one-token / few-token paths, including the GELU epilogue at 2-4 rows (`projected_gelu_mul`) and
+# the start-up check of the half2 path (`check_half2`); and
 # W3 with transformers' generate() run three times, its best counting (engine_bench
 # --baseline-repeats). About 5 minutes on an H200. Writes 6 files under $OUT (default bench-out/;
 # the device returns at most 8). What this script measured before (the lean loop, half2, prefetch)
@@ -15,7 +16,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=packages
 
 timeout 150 python3 -m pytest -q -s -p no:cacheprovider -rf tests/gpu/test_quantization.py \
-    -k "one_token or few_token or kernel_matches or projections or engine_logits" > "$OUT/gpu-tests.log" 2>&1
+    -k "one_token or few_token or kernel_matches or projections or engine_logits or half2" > "$OUT/gpu-tests.log" 2>&1
 tail -3 "$OUT/gpu-tests.log"
 timeout 90 python3 -m gemma_serve.bench.quant_bench --batch 1,2,3,4 --methods bf16,bf16-gemv,int8 \
     --out "$OUT/few-token.json" > "$OUT/few-token.log" 2>&1

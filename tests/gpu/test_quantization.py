@@ -299,6 +299,24 @@ def test_few_token_kernel_matches_float64_reference(weights, m):
             assert rel_err(fused, gelu_mul(out, dtype)) < (1e-6 if dtype == torch.float32 else 4e-3), cfg
 
 
+def test_half2_start_up_check_passes_here_and_falls_back_on_a_wrong_layout(monkeypatch):
+    """`check_half2` (run by `quantize_model`) keeps half2 on this GPU and Triton, and switches the
+    engine to float-add when half2 gives wrong sums: here the real kernel's output with its rows
+    swapped, as a layout half2 does not expect would mix them up."""
+    needs_gpu(torch.bfloat16)  # inline PTX
+    monkeypatch.setattr(quant, "INT8_GEMV_WIDEN", quant._WIDEN_INT8_HALF2)
+    model = nn.Module()
+    model.layers = nn.ModuleList([nn.Module()])
+    model.layers[0].proj = nn.Linear(2560, 1024, bias=False, device=DEVICE, dtype=torch.bfloat16)
+    nn.init.normal_(model.layers[0].proj.weight, std=0.02, generator=generator(11))
+    quant.quantize_model(model, "int8", lm_head=False)
+    assert quant.INT8_GEMV_WIDEN == quant._WIDEN_INT8_HALF2  # the check passed
+    real = quant.triton_weight_only_linear
+    monkeypatch.setattr(quant, "triton_weight_only_linear", lambda *a, **kw: real(*a, **kw).roll(1, dims=-1))
+    assert not quant.check_half2(model)
+    assert quant.INT8_GEMV_WIDEN == quant._WIDEN_INT8
+
+
 def test_projections_return_float32_when_the_model_asks():
     """`out_dtype` float32: the one-token kernel, the INT8 kernels and cuBLAS return unrounded
     accumulators up to `out_dtype_max_rows` rows, and 16-bit outputs above; the fused GELU path

@@ -411,6 +411,55 @@ def quantize_model(model: nn.Module, method: str, out_dtype: torch.dtype | None 
     logger.info("%s weight-only quantization of %d linear layers%s: weights %.2f GB -> %.2f GB "
                 "(linear layers %.2f GB -> %.2f GB%s)", method, count, " and the embedding" if lm_head else "",
                 before / 1e9, after / 1e9, float_bytes / 1e9, quant_bytes / 1e9, table_note)
+    if device.type == "cuda" and method == "int8":
+        check_half2(model)
+
+
+HALF2_CHECK_ROWS = 256  # output rows of each matrix the start-up check of the half2 path multiplies
+
+
+@torch.no_grad()
+def check_half2(model: nn.Module) -> bool:
+    """Check the INT8 half2 path on this process's GPU and Triton, once, when a model is quantized:
+    each distinct INT8 matrix shape of the model, at 1 and 2 tokens with the tiles the engine will
+    use, its first HALF2_CHECK_ROWS output rows against float64. half2 relies on how
+    Triton lays a weight tile out over threads (`half2_applies`), which its documentation leaves
+    open; if another Triton version lays it out otherwise, the sums come out wrong, and this switches
+    the engine to the exact float-add path (a warning says so) rather than serve wrong logits.
+    True when half2 is in use and passed, or not in use."""
+    global INT8_GEMV_WIDEN
+    if INT8_GEMV_WIDEN != _WIDEN_INT8_HALF2 or triton is None:
+        return True
+    gen = None
+    seen: set[tuple[int, int]] = set()
+    for module in model.modules():
+        if not isinstance(module, (QuantizedLinear, QuantizedEmbedding)) or module.weight.dtype != torch.int8:
+            continue
+        q, scale = module.weight, module.scale
+        n, k = q.shape
+        if not q.is_cuda or (n, k) in seen:
+            continue
+        seen.add((n, k))
+        if gen is None:
+            gen = torch.Generator(device=q.device).manual_seed(0)
+        rows = min(n, HALF2_CHECK_ROWS)
+        exact = q[:rows].double() * scale[:rows].double()[:, None]
+        # One token (one asm block) and two (the other); more tokens run the same code as two.
+        for m in (1, 2) if FEW_TOKEN_ROWS >= 2 else (1,):
+            cfg = kernel_config(m, n, k, _num_sms(q.device.index or 0))
+            if cfg.block_m != 1 or not half2_applies(cfg, q):
+                continue
+            x = torch.randn(m, k, device=q.device, generator=gen).bfloat16()
+            got = triton_weight_only_linear(x, q[:rows], scale[:rows], cfg, out_dtype=torch.float32).double()
+            ref = x.double() @ exact.T
+            err = float((got - ref).norm() / ref.norm())
+            if not err < 1e-2:  # half2 measures ~1e-3; a layout it does not expect gives ~1
+                logger.warning("INT8 half2 one-token path gave relative error %.2e on a %dx%d matrix at %d "
+                               "token(s) with %s (Triton %s): using the exact float-add path instead",
+                               err, n, k, m, cfg, triton.__version__)
+                INT8_GEMV_WIDEN = _WIDEN_INT8
+                return False
+    return True
 
 
 # -- the CUDA kernel -------------------------------------------------------------------------------
