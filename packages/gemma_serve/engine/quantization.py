@@ -450,7 +450,13 @@ def check_half2(model: nn.Module) -> bool:
             if cfg.block_m != 1 or not half2_applies(cfg, q):
                 continue
             x = torch.randn(m, k, device=q.device, generator=gen).bfloat16()
-            got = triton_weight_only_linear(x, q[:rows], scale[:rows], cfg, out_dtype=torch.float32).double()
+            try:
+                got = triton_weight_only_linear(x, q[:rows], scale[:rows], cfg, out_dtype=torch.float32).double()
+            except Exception as exc:  # unverified is unused: the exact path serves instead
+                logger.warning("INT8 half2 one-token path failed on a %dx%d matrix (%s: %s): using the exact "
+                               "float-add path instead", n, k, type(exc).__name__, exc)
+                INT8_GEMV_WIDEN = _WIDEN_INT8
+                return False
             ref = x.double() @ exact.T
             err = float((got - ref).norm() / ref.norm())
             if not err < 1e-2:  # half2 measures ~1e-3; a layout it does not expect gives ~1
