@@ -1,0 +1,37 @@
+"""engine_bench's bounds, on a tiny engine on the CPU: the numbers every % of bound and the W3
+ceiling against transformers are printed from."""
+
+from gemma_serve.bench.engine_bench import Ceilings, decode_bound, prefill_bound_s, workload_bound
+from gemma_serve.engine.config import EngineConfig
+from gemma_serve.engine.llm_engine import LLMEngine
+
+
+def test_bounds_from_weights_kv_and_flops(checkpoints):
+    folder, hf = checkpoints["gemma3"]
+    engine = LLMEngine(EngineConfig(model=str(folder), device="cpu", dtype="float32", block_size=4,
+                                    max_num_seqs=4, max_num_batched_tokens=64, cpu_kv_cache_tokens=256))
+    cfg = hf.config
+    params = sum(p.numel() for p in hf.parameters())  # tied: the table is counted once
+    embed = cfg.vocab_size * cfg.hidden_size
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 4  # float32
+    ceil = Ceilings(copy_gbps=1e-3, bf16_tflops=1e-6)  # 1e6 B/s, 1e6 FLOP/s
+
+    # One sequence: bandwidth-bound, weights + its KV once per step.
+    step_bytes = 4 * params + 100 * kv_per_token
+    assert abs(decode_bound(engine, ceil, 1, 100) - 1e6 / step_bytes) < 1e-9 * 1e6 / step_bytes
+    # Many sequences at a short context: the matmul FLOPs bound, 2 per weight per row.
+    big_batch = 10_000
+    flops_bound = big_batch / (2 * params * big_batch / 1e6)
+    bytes_bound = big_batch / ((4 * params + big_batch * kv_per_token) / 1e6)
+    assert abs(decode_bound(engine, ceil, big_batch, 1) - min(flops_bound, bytes_bound)) < 1e-6
+
+    # The prompts' FLOPs leave the embedding table out: a prompt row looks its token up.
+    assert abs(prefill_bound_s(engine, ceil, 10) - 2 * (params - embed) * 10 / 1e6) < 1e-9
+
+    # A workload: decode steps of min(requests, running) sequences at prompt + half the output,
+    # then the prompts' time added for the bound of the whole run.
+    decode, whole = workload_bound(engine, ceil, requests=8, prompt_len=20, output_len=10, max_running=4)
+    assert decode == decode_bound(engine, ceil, 4, 25)
+    seconds = 80 / decode + prefill_bound_s(engine, ceil, 160)
+    assert abs(whole - 80 / seconds) < 1e-9 * whole
+    assert whole < decode
