@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# One GPU call for what is in the code but not yet run on a GPU: 16-bit weights at 2-4 tokens on the
-# one-token kernel (GEMMA_BF16_FEW_TOKEN_ROWS, off by default) against cuBLAS; the GPU tests of the
-# one-token / few-token paths, including the GELU epilogue at 2-4 rows (`projected_gelu_mul`) and
-# the start-up check of the half2 path (`check_half2`); and
-# W3 with transformers' generate() run three times, its best counting (engine_bench
-# --baseline-repeats). About 5 minutes on an H200. Writes 6 files under $OUT (default bench-out/;
-# the device returns at most 8). What this script measured before (the lean loop, half2, prefetch)
-# is in docs/benchmarks.md (seventh run).
+# One GPU call for what the seventh run left unmeasured (run in the eighth: docs/benchmarks.md):
+# 16-bit weights at 2-4 tokens on the one-token kernel (GEMMA_BF16_FEW_TOKEN_ROWS) against cuBLAS; the
+# GPU tests of the one-token / few-token paths, including the GELU epilogue at 2-4 rows
+# (`projected_gelu_mul`) and the start-up check of the half2 path (`check_half2`); and W3 with
+# transformers' generate() run three times, its best counting (engine_bench --baseline-repeats).
+# About 4 minutes on an H200. Writes 6 files under $OUT (default bench-out/; the device returns at
+# most 8).
 #
 #   OUT=/some/dir bash bench/gpu_gemv_experiments.sh
 set -u

@@ -7,7 +7,8 @@ Workloads (random weights with the real shapes unless --load-format auto):
   W1  single stream: 128-token prompt, 512 new tokens; decode tok/s and TTFT
   W2  throughput: 1024 requests x (512 in, 256 out), at most 256 running; output/total tok/s, TTFT, ITL
   W3  baseline: 128 requests x (128 in, 128 out) through this engine, transformers generate() and
-      transformers generate_batch(), so the ratio is measured side by side
+      transformers generate_batch(), so the ratio is measured side by side; W3's bound over
+      transformers' best is the most any engine could reach against it on this card
   W4  long context (not in the default list): 64 requests x (16,384 in, 256 out), max_model_len 32,768,
       on an engine whose sliding-window layers keep only their window and on one that keeps every
       layer's whole context: KV capacity, most sequences running at once, output tok/s
