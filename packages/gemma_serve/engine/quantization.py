@@ -308,6 +308,9 @@ FUSED_GELU = os.environ.get("GEMMA_FUSED_GELU", "1") == "1"
 # their loop with its first step taken out measured slower (INT8 float-add qkv 10.3 against 6.0 us);
 # "all" reads every kind early.
 GEMV_EARLY_WEIGHTS = os.environ.get("GEMMA_GEMV_EARLY_WEIGHTS", "1")
+# The one-token kernel keeps two weight tiles in flight where its grid is small (`prefetch_applies`);
+# GEMMA_GEMV_PREFETCH=0 keeps one.
+GEMV_PREFETCH = os.environ.get("GEMMA_GEMV_PREFETCH", "1") == "1"
 # The one-token kernel takes up to 4 tokens at once (each weight tile read once for all): 8-bit
 # weights at 2..GEMMA_FEW_TOKEN_ROWS rows run on it instead of the matrix-unit kernel, which is no
 # faster than cuBLAS on bf16 there (H200, the layers' projections at 2 / 3 / 4 rows: 1.375 / 1.646 /
@@ -730,7 +733,8 @@ if triton is not None:
     def _weight_only_gemv_kernel(X, W, S, OUT, N, K, stride_wn, stride_split, split_k, stride_xm, stride_om,
                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                                  WIDEN: tl.constexpr, HAS_SCALE: tl.constexpr = True, GELU_MUL: tl.constexpr = False,
-                                 EARLY_W: tl.constexpr = False, M_TOK: tl.constexpr = 1, PDL: tl.constexpr = False):
+                                 EARLY_W: tl.constexpr = False, M_TOK: tl.constexpr = 1,
+                                 PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
         """One token: OUT[split][n] = scale[n] * sum over this split's K of x[k] * W[n, k], on the FMA
         units (a matrix unit would idle 15 of its 16 rows). Weights go straight from memory to
         registers; the products accumulate per lane and are summed across K once, at the end.
@@ -740,7 +744,9 @@ if triton is not None:
         output never goes to memory, and the GELU kernel is not launched.
         EARLY_W (EVEN_K, the split's K range not empty): the first weight tile is read before the
         PDL wait. M_TOK (1-4): tokens (rows of x, stride_xm apart; of OUT, stride_om apart), each
-        weight tile read once for all of them."""
+        weight tile read once for all of them. PREFETCH (EVEN_K, one token): the loop takes two
+        tiles a step and issues both tiles' loads before summing either, for grids too small to keep
+        enough loads in flight with one tile a program (`prefetch_applies`)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         lane = tl.arange(0, BLOCK_N)
@@ -773,6 +779,18 @@ if triton is not None:
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             start = first + 1
+        if PREFETCH:  # (EVEN_K, M_TOK 1) two tiles' loads issued before either is summed
+            for t in range(start, last, 2):
+                w = tl.load(w_ptrs, eviction_policy="evict_first")
+                # The pair's second tile; past the split's end it is zeros, which add nothing (the
+                # mask is constant along each row's 16 bytes, so the loads stay 16 bytes wide).
+                more = (t + 1) * BLOCK_K + offs_k < last * BLOCK_K
+                w2 = tl.load(w_ptrs + BLOCK_K, mask=more[None, :], other=0, eviction_policy="evict_first")
+                acc0 = _gemv_step(acc0, w, tl.load(x_ptrs), WIDEN)
+                acc0 = _gemv_step(acc0, w2, tl.load(x_ptrs + BLOCK_K, mask=more, other=0.0), WIDEN)
+                w_ptrs += 2 * BLOCK_K
+                x_ptrs += 2 * BLOCK_K
+            start = last
         for t in range(start, last):
             if EVEN_K:
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
@@ -876,6 +894,16 @@ if triton is not None:
         tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=mask)
 
 
+def prefetch_applies(programs: int, tokens: int, even_k: bool, widen: int, device_index: int) -> bool:
+    """Whether the one-token kernel keeps two tiles' loads in flight per program (GEMV_PREFETCH):
+    one token, whole K tiles, INT8 on half2, and fewer than 4 programs per SM, where one tile a
+    program is too few bytes in flight to cover DRAM latency. On an H200 that is qkv (512 programs):
+    4.3 against 5.1 us; the projections with more programs were slower with it (docs/benchmarks.md,
+    seventh and eighth runs)."""
+    return (GEMV_PREFETCH and tokens == 1 and even_k and widen == _WIDEN_INT8_HALF2
+            and programs < 4 * _num_sms(device_index))
+
+
 def half2_applies(cfg: KernelConfig, qweight: torch.Tensor) -> bool:
     """Whether the half2 INT8 path can take this one-token tile. Its inline PTX sums 16 weights of
     a pack, so a pack must hold 16 consecutive weights of one row: Triton gives each thread one
@@ -934,6 +962,8 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
                                                      EARLY_W=(even_k and cfg.split_k == 1 and (
                                                          GEMV_EARLY_WEIGHTS == "all" or (GEMV_EARLY_WEIGHTS == "1" and (
                                                              scale is None or widen == _WIDEN_INT8_HALF2)))),
+                                                     PREFETCH=prefetch_applies(grid[0] * cfg.split_k, m, even_k,
+                                                                               widen, x.device.index or 0),
                                                      num_stages=cfg.num_stages, **pdl_launch(x2))
     else:
         _weight_only_matmul_kernel[grid](x2, qweight, scale, out, m, n, k, x2.stride(0), qweight.stride(0), n,
