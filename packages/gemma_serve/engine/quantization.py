@@ -917,14 +917,17 @@ def half2_applies(cfg: KernelConfig, qweight: torch.Tensor) -> bool:
 
 def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor | None,
                               config: KernelConfig | None = None, int8_gemv_widen: int | None = None,
-                              out_dtype: torch.dtype | None = None, gelu_mul: bool = False) -> torch.Tensor:
+                              out_dtype: torch.dtype | None = None, gelu_mul: bool = False,
+                              prefetch: bool | None = None) -> torch.Tensor:
     """The Triton path of `weight_only_linear` (x bf16/fp16, qweight int8 or fp8 e4m3 [N, K] with
     contiguous rows, scale float32 [N]). Static shapes for a given x: CUDA-graph capturable.
     scale None: qweight is a 16-bit float matrix, multiplied as it is (one token only).
     out_dtype: the output's (default x's; float32 keeps the accumulators unrounded).
     gelu_mul (one token): qweight is a gate_up matrix [2 * inter, K]; returns gelu_tanh(gate) * up
     [..., inter] (rounded once to out_dtype), as `fused_kernels.gelu_mul` of the product.
-    int8_gemv_widen: how the one-token kernel widens INT8 weights (a `_WIDEN_INT8*`; benchmarks)."""
+    int8_gemv_widen: how the one-token kernel widens INT8 weights (a `_WIDEN_INT8*`; benchmarks).
+    prefetch: two weight tiles in flight per program (one token, whole K tiles; default
+    `prefetch_applies`; tests force it)."""
     k = x.shape[-1]
     n = qweight.shape[0]
     x2 = x.reshape(-1, k)
@@ -962,8 +965,9 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
                                                      EARLY_W=(even_k and cfg.split_k == 1 and (
                                                          GEMV_EARLY_WEIGHTS == "all" or (GEMV_EARLY_WEIGHTS == "1" and (
                                                              scale is None or widen == _WIDEN_INT8_HALF2)))),
-                                                     PREFETCH=prefetch_applies(grid[0] * cfg.split_k, m, even_k,
-                                                                               widen, x.device.index or 0),
+                                                     PREFETCH=(prefetch_applies(grid[0] * cfg.split_k, m, even_k, widen,
+                                                                                x.device.index or 0) if prefetch is None
+                                                               else prefetch and m == 1 and even_k),
                                                      num_stages=cfg.num_stages, **pdl_launch(x2))
     else:
         _weight_only_matmul_kernel[grid](x2, qweight, scale, out, m, n, k, x2.stride(0), qweight.stride(0), n,
