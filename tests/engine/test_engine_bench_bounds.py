@@ -35,3 +35,25 @@ def test_bounds_from_weights_kv_and_flops(checkpoints):
     seconds = 80 / decode + prefill_bound_s(engine, ceil, 160)
     assert abs(whole - 80 / seconds) < 1e-9 * whole
     assert whole < decode
+
+
+def test_run_requests_splits_its_time_between_prompt_steps_and_decode_steps(checkpoints):
+    """W2's diagnosis: the wall time of steps that scheduled prompt rows and of decode-only steps
+    add up to the run's, and the bound's prompt share is the prompts' FLOPs time."""
+    from gemma_serve.bench.engine_bench import WorkloadResult, _set_bounds, run_requests
+    from gemma_serve.engine.sampling_params import SamplingParams
+
+    folder, _ = checkpoints["gemma3"]
+    engine = LLMEngine(EngineConfig(model=str(folder), device="cpu", dtype="float32", block_size=4,
+                                    max_num_seqs=4, max_num_batched_tokens=16, cpu_kv_cache_tokens=256))
+    prompts = [[10 + i + j for j in range(20)] for i in range(3)]  # 60 prompt rows: several 16-row steps
+    r = run_requests(engine, prompts, SamplingParams(max_tokens=6, temperature=0.0, stop_token_ids=()))
+    prefill, decode = r.extra["prefill_steps_s"], r.extra["decode_steps_s"]
+    assert prefill > 0 and decode > 0
+    assert abs(prefill + decode - r.wall_s) < 0.05 * r.wall_s
+    assert engine.last_step_prefill_rows == 0  # the last steps only decode
+
+    ceil = Ceilings(copy_gbps=1e-3, bf16_tflops=1e-6)
+    w = WorkloadResult("w", 8, 20, 10, 1.0, 1.0, 1.0, 0, 0, 0, 0)
+    _set_bounds(w, *workload_bound(engine, ceil, 8, 20, 10, 4))
+    assert abs(w.extra["prefill_bound_s"] - prefill_bound_s(engine, ceil, 160)) < 1e-9 * w.extra["prefill_bound_s"]

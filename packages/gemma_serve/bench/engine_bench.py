@@ -143,18 +143,25 @@ def workload_bound(engine: LLMEngine, ceil: Ceilings, requests: int, prompt_len:
 def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams,
                  outputs: dict[str, list[int]] | None = None) -> WorkloadResult:
     """Add everything at t0 and step until done, recording when each request's tokens appear (and
-    the tokens themselves into `outputs`). extra["max_running"]: most sequences running at once."""
+    the tokens themselves into `outputs`). extra["max_running"]: most sequences running at once;
+    extra["prefill_steps_s"] / ["decode_steps_s"]: the wall time of steps that scheduled prompt rows
+    and of decode-only steps (from one step's return to the next's; with overlapped decode steps a
+    step's time is its host side plus waiting for the step before it, so the split is approximate)."""
     t0 = time.perf_counter()
     times: dict[str, list[float]] = {}
     for i, p in enumerate(prompts):
         engine.add_request(f"w{i}", p, params)
         times[f"w{i}"] = []
     max_running = 0
+    split = {"prefill_steps_s": 0.0, "decode_steps_s": 0.0}
+    last = t0
     while engine.has_unfinished():
         # No device sync here: step() returns once its tokens are on the host, and an overlapped
         # decode step must stay queued on the GPU while the host handles the previous one.
         deltas = engine.step()
         now = time.perf_counter()
+        split["prefill_steps_s" if engine.last_step_prefill_rows else "decode_steps_s"] += now - last
+        last = now
         max_running = max(max_running, len(engine.scheduler.running))
         for out in deltas:
             times[out.request_id].extend([now] * len(out.new_token_ids))
@@ -168,7 +175,7 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingPa
     return WorkloadResult("", len(prompts), len(prompts[0]), params.max_tokens, wall, out_tokens / wall,
                           (out_tokens + prompt_tokens) / wall, statistics.mean(ttft), _p99(ttft),
                           statistics.mean(itl) if itl else 0.0, _p99(itl) if itl else 0.0,
-                          extra={"max_running": max_running})
+                          extra={"max_running": max_running, **split})
 
 
 def _p99(values: list[float]) -> float:
@@ -266,10 +273,12 @@ HEAD16 = ":head16"
 
 def _set_bounds(r: WorkloadResult, decode: float, with_prefill: float) -> None:
     """The decode bound is the table's; the one with the prompts' FLOPs is the one a whole run of
-    prompts and decode steps can reach."""
+    prompts and decode steps can reach. prefill_bound_s: the prompts' share of the latter."""
     r.bound_tok_s = decode
     r.extra["bound_with_prefill_tok_s"] = with_prefill
     r.extra["pct_of_bound_with_prefill"] = 100 * r.output_tok_s / with_prefill
+    out_tokens = r.requests * r.output_len
+    r.extra["prefill_bound_s"] = out_tokens / with_prefill - out_tokens / decode
 
 
 def run_decode_workloads(engine: LLMEngine, ceil: Ceilings, wanted: set[str], w2_requests: int) -> list[WorkloadResult]:
@@ -396,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if "bound_with_prefill_tok_s" in r.extra:
             print(f"{r.name} {r.quantization}: bound with the prompts' FLOPs added "
-                  f"{r.extra['bound_with_prefill_tok_s']:.0f} tok/s, {r.extra['pct_of_bound_with_prefill']:.1f}% of it")
+                  f"{r.extra['bound_with_prefill_tok_s']:.0f} tok/s, {r.extra['pct_of_bound_with_prefill']:.1f}% of it; "
+                  f"steps with prompt rows {r.extra['prefill_steps_s']:.2f} s (the prompts' FLOPs alone: "
+                  f"{r.extra['prefill_bound_s']:.2f} s), decode-only steps {r.extra['decode_steps_s']:.2f} s")
     if "transformers_W3" in report:
         for k, v in report["transformers_W3"].items():
             runs = ", ".join(f"{x:.1f}" for x in v.get("runs_tok_s", []))

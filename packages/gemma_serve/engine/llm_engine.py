@@ -51,6 +51,9 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._in_flight: _InFlight | None = None
+        # Rows of prompts (or of recomputed context) the latest `step` scheduled, 0 for decode-only
+        # steps: lets a benchmark split its time between the two kinds of step.
+        self.last_step_prefill_rows = 0
 
     @property
     def max_model_len(self) -> int:
@@ -118,6 +121,7 @@ class LLMEngine:
         """One iteration: schedule, run the model, post-process. Returns the deltas ready after it:
         an overlapped step returns those of the step before it (see the module docstring)."""
         chunks = self.scheduler.schedule()
+        self.last_step_prefill_rows = sum(c.num_tokens for c in chunks if c.num_tokens > 1 or not c.samples)
         previous, self._in_flight = self._in_flight, None
         if chunks and self.config.overlap_steps and self.runner.can_overlap(chunks):
             sampling = [c.seq for c in chunks if c.samples]
