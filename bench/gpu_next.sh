@@ -1,13 +1,9 @@
 #!/usr/bin/env bash
-# The first GPU call of the next session: what the eighth run left unrun on a GPU, then the full engine
-# benchmark on the final code.
-# - tests/gpu/test_quantization.py -k two_tiles: the two-tiles-in-flight loop (GEMMA_GEMV_PREFETCH,
-#   on for INT8 half2 qkv) forced on every tile shape, against the one-tile loop (bit-equal) and the
-#   float64 product; with the one-token and engine-logits tests around it;
-# - engine_bench W1-W3, bf16 and INT8: W2 and W3 now print the time of steps with prompt rows
-#   against the prompts' FLOPs time, and of decode-only steps.
-# About 6 minutes on an H200. Writes 3 files under $OUT (default bench-out/). The eighth run's script
-# (W3's baseline, 16-bit weights at 2-4 tokens) is in git history as bench/gpu_gemv_experiments.sh.
+# The first GPU call of the next session: the whole GPU suite on the ninth run's final code (eager
+# steps overlapped, the wider warm-up, the frozen collector: only parts of the suite ran on it), then
+# the full engine benchmark, bf16 and INT8 (INT8 did not run with the frozen collector).
+# About 7 minutes on an H200. Writes 3 files under $OUT (default bench-out/). The ninth run's first
+# call (the two-tiles test, the full run on 0cd1aa2) is in git history under this name.
 #
 #   OUT=/some/dir bash bench/gpu_next.sh
 set -u
@@ -16,8 +12,7 @@ OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 export PYTHONPATH=packages
 
-timeout 150 python3 -m pytest -q -s -p no:cacheprovider -rf tests/gpu/test_quantization.py \
-    -k "two_tiles or one_token or kernel_matches or engine_logits" > "$OUT/gpu-tests.log" 2>&1
+timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu > "$OUT/gpu-tests.log" 2>&1
 tail -3 "$OUT/gpu-tests.log"
 timeout 420 python3 -m gemma_serve.bench.engine_bench --workloads W1,W2,W3 --quantization none,int8 \
     --out "$OUT/engine.json" > "$OUT/engine.log" 2>&1

@@ -111,16 +111,19 @@ async def test_aclose_while_a_next_is_pending_in_another_task(async_engine):
 
 async def test_a_failing_step_fails_the_streams_and_the_engine_goes_on(async_engine, monkeypatch):
     runner = async_engine.engine.runner
-    real_run = runner.run
+    real_run, real_launch = runner.run, runner.launch
 
-    def broken(chunks):
+    def broken(chunks, previous=None):
         raise RuntimeError("device on fire")
 
+    # Both ways a step reaches the device: run synchronously, or launched overlapped.
     monkeypatch.setattr(runner, "run", broken)
+    monkeypatch.setattr(runner, "launch", broken)
     with pytest.raises(RuntimeError, match="device on fire"):
         await collect(async_engine, "doomed", prompt(8, 6), SamplingParams(max_tokens=4))
     await wait_all_free(async_engine)
     monkeypatch.setattr(runner, "run", real_run)
+    monkeypatch.setattr(runner, "launch", real_launch)
     tokens, last = await collect(async_engine, "fine", prompt(8, 6), SamplingParams(max_tokens=4))
     assert len(tokens) == 4 and last.finish_reason == "length"
 
@@ -175,12 +178,39 @@ async def test_an_error_met_by_take_ready_is_raised_by_the_next_read(async_engin
     stream = async_engine.add_request("doomed", prompt(8, 6), SamplingParams(max_tokens=50))
     await stream.__anext__()
 
-    def broken(chunks):
+    def broken(chunks, previous=None):
         raise RuntimeError("device on fire")
 
     monkeypatch.setattr(runner, "run", broken)
+    monkeypatch.setattr(runner, "launch", broken)
     await asyncio.sleep(0.5)
     stream.take_ready()  # the deltas before the failure, then the error is held back
     with pytest.raises(RuntimeError, match="device on fire"):
         await stream.__anext__()
     assert stream.take_ready() == []
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+async def test_start_freezes_the_long_lived_objects_and_shutdown_gives_them_back(checkpoints, freeze):
+    """freeze_gc: start() moves everything alive (the model, torch...) out of the collector's scans,
+    requests are still served, and after shutdown() the engine, a reference cycle with its runner,
+    is collectable again (a frozen one would never be freed)."""
+    import gc
+    import weakref
+
+    folder, _ = checkpoints["gemma3"]
+    engine = AsyncEngine(engine_for(folder, max_model_len=128, freeze_gc=freeze))
+    runner = weakref.ref(engine.engine.runner)
+    engine.engine.runner.cycle = engine.engine  # a cycle the collector must break
+    gc.unfreeze()  # whatever an earlier test's engine left frozen
+    engine.start()
+    try:
+        assert (gc.get_freeze_count() > 0) == freeze
+        tokens, last = await collect(engine, "a", prompt(60, 6), SamplingParams(max_tokens=3, temperature=0.0))
+        assert len(tokens) == 3 and last.finish_reason == "length"
+    finally:
+        engine.shutdown()
+    assert gc.get_freeze_count() == 0
+    del engine
+    gc.collect()
+    assert runner() is None

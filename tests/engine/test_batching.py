@@ -135,7 +135,8 @@ def test_limits_reject_or_refuse_with_clear_errors(checkpoints):
 
 def test_decodes_keep_running_while_a_long_prompt_is_prefilled_in_chunks(checkpoints):
     folder, _ = checkpoints["gemma2"]
-    engine = engine_for(folder, max_num_batched_tokens=8)
+    # Steps run one at a time here (run_step needs nothing in flight), not overlapped.
+    engine = engine_for(folder, max_num_batched_tokens=8, overlap_steps=False)
     engine.add_request("decoding", prompt(30, 3), SamplingParams(max_tokens=20, **GREEDY))
     engine.step()  # its prompt, and its first token
     engine.add_request("long", prompt(31, 60), SamplingParams(max_tokens=2, **GREEDY))

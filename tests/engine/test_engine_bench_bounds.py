@@ -40,7 +40,7 @@ def test_bounds_from_weights_kv_and_flops(checkpoints):
 def test_run_requests_splits_its_time_between_prompt_steps_and_decode_steps(checkpoints):
     """W2's diagnosis: the wall time of steps that scheduled prompt rows and of decode-only steps
     add up to the run's, and the bound's prompt share is the prompts' FLOPs time."""
-    from gemma_serve.bench.engine_bench import WorkloadResult, _set_bounds, run_requests
+    from gemma_serve.bench.engine_bench import WorkloadResult, _set_bounds, run_requests, step_counts
     from gemma_serve.engine.sampling_params import SamplingParams
 
     folder, _ = checkpoints["gemma3"]
@@ -52,6 +52,14 @@ def test_run_requests_splits_its_time_between_prompt_steps_and_decode_steps(chec
     assert prefill > 0 and decode > 0
     assert abs(prefill + decode - r.wall_s) < 0.05 * r.wall_s
     assert engine.last_step_prefill_rows == 0  # the last steps only decode
+    # The per-step log: every prompt row is scheduled once, no step holds more rows than the budget
+    # or more sequences than max_num_seqs, and the walls add up to the split.
+    steps = r.extra["steps"]
+    assert sum(s[0] for s in steps) == 60
+    assert all(s[0] <= 16 and s[1] <= 4 for s in steps)  # 0 sequences: a step that only reads the one in flight
+    assert abs(sum(s[2] for s in steps if s[0]) / 1e3 - prefill) < 1e-3 * len(steps)
+    summary = step_counts(steps)
+    assert summary.startswith(f"{sum(1 for s in steps if s[0])} steps with prompt rows")
 
     ceil = Ceilings(copy_gbps=1e-3, bf16_tflops=1e-6)
     w = WorkloadResult("w", 8, 20, 10, 1.0, 1.0, 1.0, 0, 0, 0, 0)

@@ -1,5 +1,5 @@
-"""Overlapped decode steps (`LLMEngine.step`): a graphed decode step is launched before the previous
-step's draws are read, taking its input tokens on the device. Checked on CPU with the simulated
+"""Overlapped steps (`LLMEngine.step`): a graphed decode step, or an eager prefill / mixed step, is
+launched before the previous step's draws are read, taking its input tokens on the device. Checked on CPU with the simulated
 graphs of test_cuda_graphs: the outputs (tokens, logprobs, finish reasons) equal those of the same
 engine without overlap, whatever stops a request (stop token on a pending token, max_tokens,
 max_model_len, abort, preemption), and no placeholder ever reaches a caller or the model."""
@@ -7,6 +7,7 @@ max_model_len, abort, preemption), and no placeholder ever reaches a caller or t
 import random
 
 import pytest
+from gemma_serve.engine import model_runner
 from gemma_serve.engine.sampling_params import SamplingParams
 from gemma_serve.engine.sequence import PENDING_TOKEN
 
@@ -81,6 +82,36 @@ def test_overlapped_steps_give_the_same_outputs(checkpoints, generation, seed):
     assert launches[0] >= 5  # fewer while the penalised request runs (its steps are synchronous)
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert not engine.sequences and engine._in_flight is None
+
+
+@pytest.mark.parametrize("overlap_eager", [True, False])
+def test_prefill_and_mixed_steps_are_overlapped_too(checkpoints, monkeypatch, overlap_eager):
+    """An eager step (prompt chunks, with or without decode rows) is launched before the previous
+    step's draws are read, its decode rows' tokens taken on the device: the same outputs as
+    synchronous steps, with launched steps that mix a prompt chunk and a still-pending decode row.
+    GEMMA_OVERLAP_EAGER=0 (OVERLAP_EAGER False) launches graphed decode steps only."""
+    monkeypatch.setattr(model_runner, "OVERLAP_EAGER", overlap_eager)
+    folder, _ = checkpoints["gemma3"]
+    requests, join_at = mixed_requests(2)
+    expected = run_all(graphed_engine(folder, False, max_num_batched_tokens=32), requests, join_at)
+    engine = graphed_engine(folder, True, max_num_batched_tokens=32)
+    kinds = {"eager": 0, "mixed with a pending row": 0}
+    launch = engine.runner.launch
+
+    def counting(chunks, previous):
+        if any(c.num_tokens > 1 for c in chunks):
+            kinds["eager"] += 1
+            if any(c.seq.token_ids[c.start] == PENDING_TOKEN for c in chunks):
+                kinds["mixed with a pending row"] += 1
+        return launch(chunks, previous)
+
+    engine.runner.launch = counting
+    assert run_all(engine, requests, join_at) == expected
+    if overlap_eager:
+        assert kinds["eager"] > 3 and kinds["mixed with a pending row"] > 0, kinds
+    else:
+        assert kinds["eager"] == 0, kinds
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_stop_on_a_pending_token_drops_the_token_computed_after_it(checkpoints):

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from gemma_serve.engine.config import EngineConfig
+from gemma_serve.engine.gc_freeze import freeze_long_lived, unfreeze
 from gemma_serve.engine.llm_engine import LLMEngine
 from gemma_serve.engine.quantization import model_weight_bytes, model_weight_count
 from gemma_serve.engine.sampling_params import SamplingParams
@@ -146,7 +147,8 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingPa
     the tokens themselves into `outputs`). extra["max_running"]: most sequences running at once;
     extra["prefill_steps_s"] / ["decode_steps_s"]: the wall time of steps that scheduled prompt rows
     and of decode-only steps (from one step's return to the next's; with overlapped decode steps a
-    step's time is its host side plus waiting for the step before it, so the split is approximate)."""
+    step's time is its host side plus waiting for the step before it, so the split is approximate);
+    extra["steps"]: per step, [prompt rows, sequences scheduled, wall ms], to see which steps are slow."""
     t0 = time.perf_counter()
     times: dict[str, list[float]] = {}
     for i, p in enumerate(prompts):
@@ -154,6 +156,7 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingPa
         times[f"w{i}"] = []
     max_running = 0
     split = {"prefill_steps_s": 0.0, "decode_steps_s": 0.0}
+    steps: list[list[float]] = []
     last = t0
     while engine.has_unfinished():
         # No device sync here: step() returns once its tokens are on the host, and an overlapped
@@ -161,6 +164,7 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingPa
         deltas = engine.step()
         now = time.perf_counter()
         split["prefill_steps_s" if engine.last_step_prefill_rows else "decode_steps_s"] += now - last
+        steps.append([engine.last_step_prefill_rows, engine.last_step_num_seqs, round((now - last) * 1e3, 3)])
         last = now
         max_running = max(max_running, len(engine.scheduler.running))
         for out in deltas:
@@ -175,7 +179,20 @@ def run_requests(engine: LLMEngine, prompts: list[list[int]], params: SamplingPa
     return WorkloadResult("", len(prompts), len(prompts[0]), params.max_tokens, wall, out_tokens / wall,
                           (out_tokens + prompt_tokens) / wall, statistics.mean(ttft), _p99(ttft),
                           statistics.mean(itl) if itl else 0.0, _p99(itl) if itl else 0.0,
-                          extra={"max_running": max_running, **split})
+                          extra={"max_running": max_running, **split, "steps": steps})
+
+
+def step_counts(steps: list[list[float]]) -> str:
+    """'N steps with prompt rows (mean R rows, M ms), K decode-only (mean S sequences, D ms)' from the
+    per-step log of `run_requests`."""
+    mixed = [s for s in steps if s[0]]
+    decode = [s for s in steps if not s[0]]
+
+    def mean(rows: list[list[float]], i: int) -> float:
+        return statistics.mean(s[i] for s in rows) if rows else 0.0
+    return (f"{len(mixed)} steps with prompt rows: mean {mean(mixed, 0):.0f} rows, {mean(mixed, 1):.0f} sequences, "
+            f"{mean(mixed, 2):.1f} ms; {len(decode)} decode-only: mean {mean(decode, 1):.0f} sequences, "
+            f"{mean(decode, 2):.2f} ms")
 
 
 def _p99(values: list[float]) -> float:
@@ -351,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"engine quantization={quantization}: weights {_param_bytes(engine) / 1e9:.2f} GB, "
               f"{engine.runner.num_blocks} KV blocks ({engine.runner.num_window_blocks} more for sliding-window "
               f"layers), started in {start_s:.1f} s", flush=True)
+        freeze_long_lived()  # as AsyncEngine.start() does when serving
         for r in run_decode_workloads(engine, ceil, wanted, args.w2_requests):
             r.quantization = quantization  # the engine's label, LM head suffix included
             rows.append(r)
@@ -367,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             _set_bounds(r, *workload_bound(engine, ceil, 128, 128, 128, 256))
             r.quantization = quantization
             rows.append(r)
+        unfreeze()
         del engine
         gc.collect()  # the runner and its CUDA graphs reference each other
         torch.cuda.empty_cache()
@@ -407,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r.name} {r.quantization}: bound with the prompts' FLOPs added "
                   f"{r.extra['bound_with_prefill_tok_s']:.0f} tok/s, {r.extra['pct_of_bound_with_prefill']:.1f}% of it; "
                   f"steps with prompt rows {r.extra['prefill_steps_s']:.2f} s (the prompts' FLOPs alone: "
-                  f"{r.extra['prefill_bound_s']:.2f} s), decode-only steps {r.extra['decode_steps_s']:.2f} s")
+                  f"{r.extra['prefill_bound_s']:.2f} s), decode-only steps {r.extra['decode_steps_s']:.2f} s"
+                  f" ({step_counts(r.extra.get('steps', []))})")
     if "transformers_W3" in report:
         for k, v in report["transformers_W3"].items():
             runs = ", ".join(f"{x:.1f}" for x in v.get("runs_tok_s", []))

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from gemma_serve.engine import attention
+from gemma_serve.engine.compile_log import CompileLog
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.llm_engine import LLMEngine
 from gemma_serve.engine.sampling_params import SamplingParams
@@ -140,6 +141,43 @@ def first_token_step(probe: StepProbe, out_dir: Path, prompt_len: int = 128, rep
     return {"prompt_len": prompt_len, "step_wall_ms": wall, "gpu_busy_ms": gpu, "host_ms": wall - gpu}
 
 
+def mixed_step(probe: StepProbe, out_dir: Path, decodes: int = 240, prompts: int = 16, prompt_len: int = 512,
+               repeats: int = 4) -> dict:
+    """W2's steady state: `decodes` sequences decoding at ~`prompt_len` keys when `prompts` fresh
+    prompts arrive, so one step carries both (the decode rows take their share of the token budget,
+    the rest goes to the prompts). Wall time of that step (median), the GPU's busy time in it and its
+    kernels (torch.profiler over one more, DIR/kernels-mixed.txt), against a decode-only step of the
+    same sequences."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = probe.engine
+    probe.add(decodes, prompt_len, 64)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.sequences.values()):
+        engine.step()
+    engine.step()
+    decode_ms = _ms(engine.step, 5)
+    walls, rows = [], 0
+    for i in range(repeats + 1):
+        fresh = probe.add(prompts, prompt_len, 4)
+        torch.cuda.synchronize()
+        if i < repeats:
+            walls.append(_ms(engine.step, 1))
+        else:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                engine.step()
+                torch.cuda.synchronize()
+        rows = engine.last_step_prefill_rows
+        for rid in fresh:
+            engine.abort(rid)
+        engine.step()
+    probe.clear()
+    (out_dir / "kernels-mixed.txt").write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+    wall = statistics.median(walls[1:])
+    gpu = _kernel_ms(prof)
+    return {"decodes": decodes, "prompt_rows": rows, "step_wall_ms": wall, "gpu_busy_ms": gpu,
+            "host_ms": wall - gpu, "decode_only_step_ms": decode_ms}
+
+
 def _kernel_ms(prof) -> float:
     """Milliseconds of GPU work (kernels, copies) that a torch.profiler run recorded."""
     total = 0.0
@@ -161,7 +199,8 @@ def decode_steps(probe: StepProbe, batch: int, prompt_len: int, steps: int) -> d
         engine.step()
     for _ in range(2):
         engine.step()
-    wall = _ms(lambda: [engine.step() for _ in range(steps)], 1) / steps
+    with CompileLog() as compiled:
+        wall = _ms(lambda: [engine.step() for _ in range(steps)], 1) / steps
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
@@ -169,7 +208,76 @@ def decode_steps(probe: StepProbe, batch: int, prompt_len: int, steps: int) -> d
     gpu = _kernel_ms(prof) / steps
     probe.clear()
     return {"batch": batch, "context": prompt_len + steps, "step_wall_ms": wall, "gpu_busy_ms": gpu,
-            "host_ms": wall - gpu, "overlap_steps": engine.config.overlap_steps}
+            "host_ms": wall - gpu, "overlap_steps": engine.config.overlap_steps,
+            "compiled_while_timed": compiled.summary()}
+
+
+class _PhaseTimer:
+    """Host seconds spent in wrapped callables, by phase name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        return timed
+
+
+class _TimedGraph:
+    def __init__(self, graph, timer: _PhaseTimer) -> None:
+        self.replay = timer.wrap("graph launch (cudaGraphLaunch)", graph.replay)
+
+
+def host_split(probe: StepProbe, batch: int, prompt_len: int, steps: int) -> dict:
+    """Where the host's time goes in back-to-back decode steps of `batch` sequences: milliseconds
+    per step in scheduling, the graph step's input preparation, the graph launch, sampling launches,
+    waiting for the previous step's draws (the GPU ahead of the host) and post-processing. If the
+    wait is near zero, the host paces the loop and the GPU idles for the difference between the
+    step and the graph's replay time."""
+    from gemma_serve.engine import model_runner
+    from gemma_serve.engine.model_runner import PendingStep
+
+    engine = probe.engine
+    graphs = engine.runner.graphs
+    probe.add(batch, prompt_len, steps + 16)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.sequences.values()):
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    timer = _PhaseTimer()
+    saved = (engine.scheduler.schedule, engine._postprocess, model_runner.sample_on_device, PendingStep.result,
+             graphs.run if graphs else None, dict(graphs.graphs) if graphs else None)
+    engine.scheduler.schedule = timer.wrap("schedule", engine.scheduler.schedule)
+    engine._postprocess = timer.wrap("post-process", engine._postprocess)
+    model_runner.sample_on_device = timer.wrap("sampling launches", model_runner.sample_on_device)
+    PendingStep.result = timer.wrap("wait for the previous step's draws", PendingStep.result)
+    if graphs is not None:
+        graphs.run = timer.wrap("graph step (inputs, copies, launch)", graphs.run)
+        graphs.graphs = {b: _TimedGraph(g, timer) for b, g in graphs.graphs.items()}
+    try:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) * 1e3 / steps
+    finally:
+        (engine.scheduler.schedule, engine._postprocess, model_runner.sample_on_device, PendingStep.result) = saved[:4]
+        if graphs is not None:
+            graphs.run, graphs.graphs = saved[4], saved[5]
+        for name in ("schedule", "_postprocess"):
+            for obj in (engine.scheduler, engine):
+                obj.__dict__.pop(name, None)
+        if graphs is not None:
+            graphs.__dict__.pop("run", None)
+    probe.clear()
+    phases = {k: v * 1e3 / steps for k, v in timer.seconds.items()}
+    return {"batch": batch, "context": prompt_len + steps, "step_wall_ms": wall, "phases_ms": phases}
 
 
 def kernel_table(probe: StepProbe, kind: str, out_dir: Path) -> list[dict]:
@@ -337,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-sweeps", action="store_true", help="leave out the attention tile sweeps")
     parser.add_argument("--decode", default="1:128:64,256:512:24",
                         help="decode steps to time, batch:prompt_len:steps,... (wall against GPU busy per step)")
+    parser.add_argument("--host-split", default="",
+                        help="batch:prompt_len:steps,...: where the host's time goes in back-to-back decode steps")
+    parser.add_argument("--mixed", action="store_true",
+                        help="also time W2's mixed step (240 decodes + 16 fresh 512-token prompts) and list its kernels")
     parser.add_argument("--decode-only", action="store_true",
                         help="only the decode steps of --decode (no prefill, sweeps, host profile or kernel tables)")
     args = parser.parse_args(argv)
@@ -352,7 +464,16 @@ def main(argv: list[str] | None = None) -> int:
     report["decode"] = [decode_steps(probe, *map(int, spec.split(":"))) for spec in args.decode.split(",")]
     for d in report["decode"]:
         print(f"decode batch {d['batch']:3d} ctx ~{d['context']}: step {d['step_wall_ms']:.2f} ms, GPU busy "
-              f"{d['gpu_busy_ms']:.2f} ms, host adds {d['host_ms']:.2f} ms", flush=True)
+              f"{d['gpu_busy_ms']:.2f} ms, host adds {d['host_ms']:.2f} ms ({d['compiled_while_timed']})", flush=True)
+    report["host_split"] = [host_split(probe, *map(int, spec.split(":"))) for spec in args.host_split.split(",") if spec]
+    for h in report["host_split"]:
+        print(f"host, decode batch {h['batch']} ctx ~{h['context']}: step {h['step_wall_ms']:.2f} ms; "
+              + ", ".join(f"{k} {v:.2f}" for k, v in h["phases_ms"].items()), flush=True)
+    if args.mixed:
+        report["mixed"] = m = mixed_step(probe, args.out)
+        print(f"mixed step, {m['decodes']} decodes + {m['prompt_rows']} prompt rows: {m['step_wall_ms']:.1f} ms, "
+              f"GPU busy {m['gpu_busy_ms']:.1f} ms, host adds {m['host_ms']:.1f} ms (decode-only step "
+              f"{m['decode_only_step_ms']:.2f} ms)", flush=True)
     if args.decode_only:
         kinds = [f"decode{spec.split(':')[0]}:{spec.split(':')[1]}" for spec in args.decode.split(",")]
         report["kernels"] = _kernel_tables(probe, kinds, args.out)

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 
 from gemma_serve.engine.config import EngineConfig
+from gemma_serve.engine.gc_freeze import freeze_long_lived, unfreeze
 from gemma_serve.engine.llm_engine import LLMEngine
 from gemma_serve.engine.multimodal import ImageInput
 from gemma_serve.engine.outputs import EngineOverloadedError, EngineStats, RequestOutput
@@ -124,6 +125,8 @@ class AsyncEngine:
 
     def start(self) -> None:
         if self._thread is None:
+            if self.engine.config.freeze_gc:
+                freeze_long_lived()
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="gemma-engine", daemon=True)
             self._thread.start()
@@ -135,6 +138,8 @@ class AsyncEngine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+            if self.engine.config.freeze_gc:
+                unfreeze()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     images: list[ImageInput] | None = None) -> RequestStream:

@@ -327,7 +327,9 @@ if triton is not None:
     # Arguments that change from step to step are not specialised on their values (Triton compiles a
     # variant for ints equal to 1 or divisible by 16): otherwise a new variant could be compiled, for
     # half a second, in the middle of serving.
-    @triton.jit(do_not_specialize=["max_units", "unit_len"])
+    # stride_bt (the block table's width) changes from step to step: specialising on it (1, a
+    # multiple of 16, other) made eager steps compile new variants in the middle of serving.
+    @triton.jit(do_not_specialize=["stride_bt", "max_units", "unit_len"])
     def _paged_decode_kernel(Q, K, V, BT, CTX, PACC, PM, PL,
                              stride_qb, stride_qh, stride_bt,
                              scale, softcap, window, max_units, unit_len,
@@ -549,7 +551,7 @@ def _prefill_work(meta: AttentionMetadata, block_m: int, device: torch.device
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_bt"])  # as the decode kernel's
     def _paged_prefill_kernel(Q, K, V, BT, QS, CTX, TILE_SEQ, TILE_ROW, LIMIT, O,
                               stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
                               scale, softcap, window,

@@ -54,9 +54,14 @@ class EngineConfig:
     # With cuda_graphs: also capture steps that prefill one prompt chunk of up to 512 tokens (one
     # user's time to first token is otherwise ~300 kernel launches from Python).
     prefill_cuda_graphs: bool = True
-    # Launch a graphed decode step before reading the previous step's tokens, so the host's work
-    # (post-processing, scheduling, preparing) overlaps the GPU's (LLMEngine.step).
+    # Launch a step (graphed decode, or eager prefill / mixed) before reading the previous step's
+    # tokens, so the host's work (post-processing, scheduling, preparing) overlaps the GPU's
+    # (LLMEngine.step).
     overlap_steps: bool = True
+    # AsyncEngine.start() freezes Python's garbage collector's view of everything alive then
+    # (gc.freeze: torch, the model, the tokenizer), so a full collection no longer walks it
+    # (engine/gc_freeze.py); shutdown() unfreezes.
+    freeze_gc: bool = True
     # Gemma 3 images: projected features of recently seen images (by content hash) stay on the device,
     # so a repeated image is not encoded again. Gemma 3 4B: 256 x 2560 bf16 = 1.3 MB per image.
     image_feature_cache_entries: int = 128

@@ -1,12 +1,13 @@
 """`LLMEngine`: schedule, run, post-process, repeat. Synchronous; `AsyncEngine` drives it from a thread.
 
-Overlapped decode steps: when a step is a graphed decode step (`ModelRunner.can_overlap`), it is
-launched before the previous step's draws are read. Its inputs that the previous step sampled are
-taken on the device, and each sequence holds a PENDING_TOKEN for its not-yet-read token. The host
-then reads and post-processes the previous step (stop checks, deltas, block hashes) while the GPU
-computes this one, so the host's work per step no longer adds to the GPU's. A sequence that stops on
-a token that was still pending has computed one token too many: it is dropped, never emitted.
-Any other step first reads the step in flight and runs synchronously.
+Overlapped steps: when a step is a graphed decode step, or an eager prefill / mixed step without
+image tokens (`ModelRunner.can_overlap`), it is launched before the previous step's draws are read.
+Its inputs that the previous step sampled are taken on the device, and each sequence holds a
+PENDING_TOKEN for its not-yet-read token. The host then reads and post-processes the previous step
+(stop checks, deltas, block hashes) while the GPU computes this one, so the host's work per step no
+longer adds to the GPU's. A sequence that stops on a token that was still pending has computed one
+token too many: it is dropped, never emitted. Any other step (sampling that reads earlier tokens,
+image tokens) first reads the step in flight and runs synchronously.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class LLMEngine:
         # Rows of prompts (or of recomputed context) the latest `step` scheduled, 0 for decode-only
         # steps: lets a benchmark split its time between the two kinds of step.
         self.last_step_prefill_rows = 0
+        self.last_step_num_seqs = 0
 
     @property
     def max_model_len(self) -> int:
@@ -122,12 +124,18 @@ class LLMEngine:
         an overlapped step returns those of the step before it (see the module docstring)."""
         chunks = self.scheduler.schedule()
         self.last_step_prefill_rows = sum(c.num_tokens for c in chunks if c.num_tokens > 1 or not c.samples)
+        self.last_step_num_seqs = len(chunks)
         previous, self._in_flight = self._in_flight, None
         if chunks and self.config.overlap_steps and self.runner.can_overlap(chunks):
             sampling = [c.seq for c in chunks if c.samples]
             pending = self.runner.launch(chunks, previous.pending if previous else None)
             for chunk in chunks:
                 chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+                if not chunk.seq.num_pending:
+                    # Its tokens are all known: publish its full blocks now, so that a prompt
+                    # scheduled next can share them (their KV is written by this step, which the
+                    # GPU runs before any later one).
+                    self.block_manager.register_computed(chunk.seq)
             for seq in sampling:
                 seq.token_ids.append(PENDING_TOKEN)
                 seq.num_pending += 1

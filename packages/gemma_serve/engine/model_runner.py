@@ -15,6 +15,7 @@ import torch
 
 from gemma_serve.engine.attention import (AttentionMetadata, decode_kernel_available, decode_node_len,
                                           use_prefill_kernel)
+from gemma_serve.engine.compile_log import CompileLog
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.loader import load_vision_weights, load_weights, resolve_checkpoint
 from gemma_serve.engine.model_config import ModelConfig
@@ -131,6 +132,11 @@ class StepInputs:
     # end token) in row order, whose features replace those rows' embeddings.
     image_rows: torch.Tensor | None = None
     image_pieces: list[tuple[ImageInput, int, int]] | None = None
+
+
+# Eager (prefill and mixed) steps overlap the step before them, as graphed decode steps do
+# (GEMMA_OVERLAP_EAGER=0: they read the previous step's draws first and run synchronously).
+OVERLAP_EAGER = os.environ.get("GEMMA_OVERLAP_EAGER", "1") == "1"
 
 
 class PendingStep:
@@ -256,35 +262,60 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._warm_up()
 
+    def warm_up_sizes(self) -> list[int]:
+        """Rows of the warm-up's eager steps: one per class of row count the kernels pick their tiles
+        by (the INT8 matmul's 1-4 / 16 / 32 / 64 / more rows, cuBLAS's heuristics), up to a full
+        token budget, so that a step of W2's size does not compile in the middle of serving."""
+        budget = self.config.max_num_batched_tokens
+        return sorted({min(n, budget) for n in (4, 16, 32, 64, 256, budget)})
+
     @torch.inference_mode()
     def _warm_up(self) -> None:
-        """One eager step (a decode row and a short prefill chunk) before serving, so that Triton
-        compiles the eager path's kernels now rather than during the first requests. It writes the
-        graphs' scratch block, or block 0: nothing is allocated yet, and a block is always written
-        before it is read."""
+        """Eager steps before serving (a decode row and prompt chunks, `warm_up_sizes` rows in all),
+        so that Triton compiles the eager path's kernels now rather than during the first requests.
+        They write the graphs' scratch block, or block 0: nothing is allocated yet, and a block is
+        always written before it is read."""
         start = time.monotonic()
-        dev = self.device
+        with CompileLog() as log:
+            for rows in self.warm_up_sizes():
+                self._dummy_eager_step(rows)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        logger.info("warmed up the eager (prefill and mixed) path, steps of %s rows, in %.1f s (%s)",
+                    "/".join(map(str, self.warm_up_sizes())), time.monotonic() - start, log.summary())
+
+    def _dummy_eager_step(self, rows: int) -> None:
+        """One eager forward of `rows` rows: a decode row, then prompt chunks of at most 512 rows
+        (and within max_model_len), every row's slot in the scratch block."""
+        dev, bs = self.device, self.block_size
+        longest = max(1, min(512, self.max_model_len - 1))
+        lens = [1]  # the decode row
+        left = rows - 1
+        while left > 0:
+            lens.append(min(left, longest))
+            left -= lens[-1]
+        width = -(-max(lens) // bs)
 
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=dev)
 
-        n = min(3, self.block_size)  # the chunk stays within the one block
-
-        def block_and_slots(scratch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def tables_and_slots(scratch: int) -> tuple[torch.Tensor, torch.Tensor]:
             block = scratch if self.graphs is not None else 0
-            slot = block * self.block_size
-            return tensor([[block], [block]]), tensor([slot] + [slot + i for i in range(n)])
+            slots = [block * bs + i % bs for n in lens for i in range(n)]
+            return tensor([[block] * width for _ in lens]), tensor(slots)
 
-        tables, slots = block_and_slots(self.num_blocks)
-        window_tables, window_slots = block_and_slots(self.num_window_blocks) if self.kv_layout.window else (None, None)
+        tables, slots = tables_and_slots(self.num_blocks)
+        window_tables, window_slots = (tables_and_slots(self.num_window_blocks) if self.kv_layout.window
+                                       else (None, None))
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
+        positions = [i for n in lens for i in range(n)]
         meta = AttentionMetadata(
-            slot_mapping=slots, block_tables=tables, context_lens=tensor([1, n]), query_start=tensor([0, 1, 1 + n]),
-            num_decodes=1, max_decode_context_len=1, query_start_host=[0, 1, 1 + n], context_lens_host=[1, n],
+            slot_mapping=slots, block_tables=tables, context_lens=tensor(lens), query_start=tensor(starts),
+            num_decodes=1, max_decode_context_len=1, query_start_host=starts, context_lens_host=lens,
             decode_node_len=self.decode_node_len, window_block_tables=window_tables, window_slot_mapping=window_slots)
-        self.model(tensor([0] * (1 + n)), tensor([0] + list(range(n))), self.kv_caches, meta, tensor([0, n]))
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        logger.info("warmed up the eager (prefill) path in %.1f s", time.monotonic() - start)
+        self.model(tensor([0] * rows), tensor(positions), self.kv_caches, meta, tensor([s - 1 for s in starts[1:]]))
 
     def _load_vision(self, folder) -> VisionEncoder:
         with torch.device("meta"), _default_dtype(self.dtype):
@@ -297,9 +328,12 @@ class ModelRunner:
             load_vision_weights(vision, folder)
         return vision.eval()
 
-    def prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
+    def prepare(self, chunks: list[ScheduledChunk], previous_tokens: torch.Tensor | None = None,
+                previous_rows: list[int] | None = None) -> StepInputs:
         """Flatten the step: decodes first (one token each), then prefill chunks, as the attention
-        metadata requires. Sampled rows are listed in the chunks' own order."""
+        metadata requires. Sampled rows are listed in the chunks' own order. `previous_rows[j] >= 0`:
+        chunk j's (single) token is `previous_tokens[previous_rows[j]]`, a draw still on the device
+        (PENDING_TOKEN on the host)."""
         order = sorted(range(len(chunks)), key=lambda j: chunks[j].num_tokens > 1)
         ids: list[int] = []
         positions: list[int] = []
@@ -309,6 +343,7 @@ class ModelRunner:
         image_rows: list[int] = []
         image_pieces: list[tuple[ImageInput, int, int]] = []
         image_spans: list[list[tuple[int, int]]] = []
+        pending_rows: list[tuple[int, int]] = []  # (flat row, row of previous_tokens)
         for j in order:
             chunk = chunks[j]
             end = chunk.start + chunk.num_tokens
@@ -319,6 +354,9 @@ class ModelRunner:
                 image_rows.extend(range(len(ids) + a - chunk.start, len(ids) + b - chunk.start))
             image_spans.append([(span.start, span.end) for span in spans])
             ids.extend(chunk.seq.token_ids[chunk.start:end])
+            if previous_rows is not None and previous_rows[j] >= 0:
+                pending_rows.append((len(ids) - 1, previous_rows[j]))
+                ids[-1] = 0  # filled in on the device below
             positions.extend(range(chunk.start, end))
             starts.append(starts[-1] + chunk.num_tokens)
             ctx_lens.append(end)
@@ -347,7 +385,12 @@ class ModelRunner:
             host["window_block_tables"] = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long)
             host["window_slot_mapping"] = (host["window_block_tables"][owner, pos // self.block_size] * self.block_size
                                            + pos % self.block_size)
+        if pending_rows:
+            host["pending_rows"] = torch.tensor(pending_rows, dtype=torch.long)
         dev = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+        if pending_rows:
+            rows_and_sources = dev.pop("pending_rows")
+            dev["input_ids"][rows_and_sources[:, 0]] = previous_tokens[rows_and_sources[:, 1]]
         meta = AttentionMetadata(
             slot_mapping=dev["slot_mapping"],
             block_tables=dev["block_tables"],
@@ -401,11 +444,20 @@ class ModelRunner:
         return found
 
     def can_overlap(self, chunks: list[ScheduledChunk]) -> bool:
-        """The step can be launched before the previous step's draws are read: a graphed decode step
-        (its token ids can be taken on the device) whose sampling reads no earlier token's value."""
-        return (self.graphs is not None and self.graphs.can_run(chunks)
-                and not any(c.seq.image_spans and c.seq.spans_in(c.start, c.start + 1) for c in chunks)
-                and not any(needs_history(c.seq) for c in chunks))
+        """The step can be launched before the previous step's draws are read: its sampling reads no
+        earlier token's value, and the only inputs the previous step may still be drawing are
+        single-token chunks' tokens (taken on the device). A graphed decode step qualifies; so does
+        an eager (prefill, mixed, or ungraphed decode) step without image tokens (`OVERLAP_EAGER`), whose
+        ~20 ms of host work for 8K prompt rows then runs while the GPU computes the step before."""
+        if any(needs_history(c.seq) for c in chunks):
+            return False
+        if self.graphs is not None and self.graphs.can_run(chunks):
+            return not any(c.seq.image_spans and c.seq.spans_in(c.start, c.start + 1) for c in chunks)
+        if not OVERLAP_EAGER:
+            return False
+        return not any((c.seq.image_spans and c.seq.spans_in(c.start, c.start + c.num_tokens))
+                       or (c.num_tokens > 1 and c.start + c.num_tokens > len(c.seq.token_ids) - c.seq.num_pending)
+                       for c in chunks)
 
     @torch.inference_mode()
     def launch(self, chunks: list[ScheduledChunk], previous: PendingStep | None) -> PendingStep:
@@ -417,7 +469,15 @@ class ModelRunner:
             rows = [where[id(c.seq)] if c.seq.token_ids[c.start] == PENDING_TOKEN else -1 for c in chunks]
             if max(rows) < 0:
                 rows = None
-        logits, seqs = self.graphs.run(chunks, previous.tokens if rows else None, rows)
+        if self.graphs is not None and self.graphs.can_run(chunks):
+            logits, seqs = self.graphs.run(chunks, previous.tokens if rows else None, rows)
+        elif rows is None and self.prefill_graphs is not None and self.prefill_graphs.can_run(chunks):
+            logits, seqs = self.prefill_graphs.run(chunks)
+        else:
+            inputs = self.prepare(chunks, previous.tokens if rows else None, rows)
+            logits = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta,
+                                inputs.logits_indices)
+            seqs = inputs.sampling_seqs
         sampled = sample_on_device(logits, seqs) if seqs else None
         buffers = self._draw_buffers[self._launches % 2] if self._draw_buffers else None
         self._launches += 1
