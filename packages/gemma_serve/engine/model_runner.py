@@ -446,12 +446,15 @@ class ModelRunner:
     def can_overlap(self, chunks: list[ScheduledChunk]) -> bool:
         """The step can be launched before the previous step's draws are read: its sampling reads no
         earlier token's value, and the only inputs the previous step may still be drawing are
-        single-token chunks' tokens (taken on the device). A graphed decode step qualifies; so does
-        an eager (prefill, mixed, or ungraphed decode) step without image tokens (`OVERLAP_EAGER`), whose
-        ~20 ms of host work for 8K prompt rows then runs while the GPU computes the step before."""
-        if any(needs_history(c.seq) for c in chunks):
+        single-token chunks' tokens (taken on the device). On an engine with decode graphs, a graphed
+        decode step qualifies; so does an eager (prefill, mixed, or ungraphed decode) step without
+        image tokens (`OVERLAP_EAGER`), whose ~20 ms of host work for 8K prompt rows then runs while
+        the GPU computes the step before."""
+        # Without decode graphs (CPU, or cuda_graphs off) every step runs synchronously: on a CPU,
+        # where the host computes the step itself, overlapping would only delay its tokens a step.
+        if self.graphs is None or any(needs_history(c.seq) for c in chunks):
             return False
-        if self.graphs is not None and self.graphs.can_run(chunks):
+        if self.graphs.can_run(chunks):
             return not any(c.seq.image_spans and c.seq.spans_in(c.start, c.start + 1) for c in chunks)
         if not OVERLAP_EAGER:
             return False
