@@ -115,6 +115,35 @@ def test_qkv_to_cache(dtype, qk_norm, monkeypatch):
     assert k_cache.view(-1, kv_heads, dim)[untouched].abs().max() == 0
 
 
+@pytest.mark.parametrize("step", [2, 4])
+def test_qkv_to_cache_with_several_heads_per_program_changes_no_bits(dtype, step):
+    """Grouping a token's heads into one program (prompt steps, GEMMA_QKV_HEADS_PER_PROGRAM) shares
+    the loads of the norm weights and the RoPE row and nothing else: q and both caches are bit-equal
+    to one head per program. A grouping that does not divide the head counts is refused."""
+    heads, kv_heads, dim, page, tokens = 8, 4, 256, 16, 5
+    qkv = randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype, seed=9)
+    qw, kw = randn(dim, dtype=torch.float32, scale=0.3, seed=5), randn(dim, dtype=torch.float32, scale=0.3, seed=6)
+    angles = torch.arange(tokens, device=DEVICE)[:, None].float() * torch.linspace(0.01, 1.0, dim // 2, device=DEVICE)
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos()[:, None, :].to(dtype), emb.sin()[:, None, :].to(dtype)
+    slots = torch.tensor([7, 0, 33, 16, 2], device=DEVICE)
+
+    def run(heads_per_program):
+        k_cache = torch.zeros(4, page, kv_heads, dim, device=DEVICE, dtype=dtype)
+        v_cache = torch.zeros_like(k_cache)
+        q = fk.qkv_to_cache(qkv, heads, kv_heads, dim, qw, kw, 1e-6, cos, sin, k_cache, v_cache, slots,
+                            heads_per_program=heads_per_program)
+        return q, k_cache, v_cache
+
+    for got, want in zip(run(step), run(1)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="divide"):
+        run(3)
+    assert fk.qkv_heads_per_program(8192, heads, kv_heads, wanted=4) == 4
+    assert fk.qkv_heads_per_program(8192, 8, 1, wanted=4) == 1  # Gemma 2B: one kv head
+    assert fk.qkv_heads_per_program(256, heads, kv_heads, wanted=4) == 1  # a decode step keeps its programs
+
+
 def test_float32_matmul_outputs_are_rounded_once_on_the_way_out(monkeypatch):
     """A 16-bit model whose matmuls return float32: gelu_mul, add_rms_norm and qkv_to_cache take the
     float32 inputs and give 16-bit outputs (bf16 activations, a bf16 cache) as the PyTorch path does."""

@@ -42,6 +42,12 @@ if triton is not None:
         libdevice = None
 
 
+# qkv_to_cache: heads of one token per program on steps of at least QKV_GROUP_MIN_TOKENS tokens
+# (prompt steps). 1 (the default until measured on a GPU) keeps one head per program everywhere.
+QKV_HEADS_PER_PROGRAM = int(os.environ.get("GEMMA_QKV_HEADS_PER_PROGRAM", "1"))
+QKV_GROUP_MIN_TOKENS = 512
+
+
 def use_triton(x: torch.Tensor) -> bool:
     return triton is not None and x.is_cuda
 
@@ -145,21 +151,22 @@ if triton is not None:
     @triton.jit
     def _qkv_to_cache_kernel(QKV, QW, KW, COS, SIN, SLOT, Q, KC, VC, stride_qkv, stride_cos, eps,
                              HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr,
-                             QK_NORM: tl.constexpr, PDL: tl.constexpr = False):
-        """One (token, head) per program, heads ordered q..., k..., v...: q and k get QK-norm then
-        rotary (float32, rounded once); k and v go to the token's cache slot. qkv may be float32 (a
-        matmul's unrounded output) or the caches' dtype; q is written in Q's."""
+                             QK_NORM: tl.constexpr, HEAD_STEP: tl.constexpr = 1, PDL: tl.constexpr = False):
+        """HEAD_STEP heads of one token per program, heads ordered q..., k..., v... (HEAD_STEP
+        divides HEADS and KV_HEADS, so a program's heads are all q, all k or all v): q and k get
+        QK-norm then rotary (float32, rounded once); k and v go to the token's cache slot. qkv may
+        be float32 (a matmul's unrounded output) or the caches' dtype; q is written in Q's. A
+        program's heads share its loads of the norm weights and the RoPE row."""
         t = tl.program_id(0).to(tl.int64)
-        j = tl.program_id(1)
+        j0 = tl.program_id(1) * HEAD_STEP
         cols = tl.arange(0, DIM)
-        base = QKV + t * stride_qkv + j * DIM
         # Before the wait: what the qkv projection (the kernel before this one) does not write. The
         # norm weights, and the RoPE tables and slots, made at the start of the step.
         slot = tl.load(SLOT + t).to(tl.int64)
-        if j < HEADS + KV_HEADS:
+        if j0 < HEADS + KV_HEADS:
             partner = (cols + HALF) % DIM
             if QK_NORM:
-                if j < HEADS:
+                if j0 < HEADS:
                     w = tl.load(QW + cols).to(tl.float32)
                     wp = tl.load(QW + partner).to(tl.float32)
                 else:
@@ -168,22 +175,27 @@ if triton is not None:
             c = tl.load(COS + t * stride_cos + cols).to(tl.float32)
             s = tl.load(SIN + t * stride_cos + cols).to(tl.float32)
             pdl_wait(PDL)
-            x = tl.load(base + cols).to(tl.float32)
-            xp = tl.load(base + partner).to(tl.float32)
-            if QK_NORM:
-                inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
-                x = (x * inv) * (1.0 + w)
-                xp = (xp * inv) * (1.0 + wp)
-            rotated = tl.where(cols < HALF, -xp, xp)
-            y = x * c + rotated * s
-            if j < HEADS:
-                tl.store(Q + (t * HEADS + j) * DIM + cols, y.to(Q.dtype.element_ty))
-            else:
-                tl.store(KC + (slot * KV_HEADS + (j - HEADS)) * DIM + cols, y.to(KC.dtype.element_ty))
+            for h in tl.static_range(HEAD_STEP):
+                j = j0 + h
+                base = QKV + t * stride_qkv + j * DIM
+                x = tl.load(base + cols).to(tl.float32)
+                xp = tl.load(base + partner).to(tl.float32)
+                if QK_NORM:
+                    inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
+                    x = (x * inv) * (1.0 + w)
+                    xp = (xp * inv) * (1.0 + wp)
+                rotated = tl.where(cols < HALF, -xp, xp)
+                y = x * c + rotated * s
+                if j0 < HEADS:
+                    tl.store(Q + (t * HEADS + j) * DIM + cols, y.to(Q.dtype.element_ty))
+                else:
+                    tl.store(KC + (slot * KV_HEADS + (j - HEADS)) * DIM + cols, y.to(KC.dtype.element_ty))
         else:
             pdl_wait(PDL)
-            v = tl.load(base + cols)
-            tl.store(VC + (slot * KV_HEADS + (j - HEADS - KV_HEADS)) * DIM + cols, v.to(VC.dtype.element_ty))
+            for h in tl.static_range(HEAD_STEP):
+                j = j0 + h
+                v = tl.load(QKV + t * stride_qkv + j * DIM + cols)
+                tl.store(VC + (slot * KV_HEADS + (j - HEADS - KV_HEADS)) * DIM + cols, v.to(VC.dtype.element_ty))
 
 
 # -- public operations ----------------------------------------------------------------------------
@@ -250,13 +262,31 @@ def gelu_mul(gate_up: torch.Tensor, out_dtype: torch.dtype | None = None) -> tor
     return out
 
 
+def qkv_heads_per_program(tokens: int, num_heads: int, num_kv_heads: int, wanted: int | None = None) -> int:
+    """Heads of one token per program of the qkv_to_cache kernel: 1 up to QKV_GROUP_MIN_TOKENS
+    tokens (a decode step's few tokens need many programs in flight), else the largest divisor of
+    both head counts up to `wanted` (default QKV_HEADS_PER_PROGRAM): a prompt step's 8K tokens x 16
+    heads of one head each made ~131K tiny programs."""
+    wanted = QKV_HEADS_PER_PROGRAM if wanted is None else wanted
+    if tokens < QKV_GROUP_MIN_TOKENS:
+        return 1
+    step = 1
+    for d in range(1, max(1, wanted) + 1):
+        if num_heads % d == 0 and num_kv_heads % d == 0:
+            step = d
+    return step
+
+
 def qkv_to_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, q_norm: torch.Tensor | None,
                  k_norm: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                 heads_per_program: int | None = None) -> torch.Tensor:
     """Split the qkv projection [T, (H + 2 KV) D], apply QK-norm (when the weights are given) and
     rotary to q and k (cos/sin [T, 1, D], float32 or the activations' dtype), write k and v to the cache at
     `slot_mapping`. Returns q [T, H, D] in the cache's dtype. qkv may be float32 over a 16-bit
-    cache (a matmul's unrounded output): q, k and v are then rounded once, on the way out."""
+    cache (a matmul's unrounded output): q, k and v are then rounded once, on the way out.
+    heads_per_program: the kernel's grouping (default `qkv_heads_per_program`; tests force it);
+    the results do not depend on it."""
     tokens = qkv.shape[0]
     fits = (use_triton(qkv) and qkv.stride(-1) == 1 and not head_dim & (head_dim - 1) and cos.stride(-1) == 1
             and sin.stride() == cos.stride() and k_cache.is_contiguous() and v_cache.is_contiguous())
@@ -274,8 +304,13 @@ def qkv_to_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim:
     q = torch.empty(tokens, num_heads, head_dim, dtype=k_cache.dtype, device=qkv.device)
     if tokens:
         qk_norm = q_norm is not None
-        _qkv_to_cache_kernel[(tokens, num_heads + 2 * num_kv_heads)](
+        step = (qkv_heads_per_program(tokens, num_heads, num_kv_heads) if heads_per_program is None
+                else heads_per_program)
+        if num_heads % step or num_kv_heads % step:
+            raise ValueError(f"{step} heads per program must divide {num_heads} q and {num_kv_heads} kv heads")
+        _qkv_to_cache_kernel[(tokens, (num_heads + 2 * num_kv_heads) // step)](
             qkv, q_norm if qk_norm else qkv, k_norm if qk_norm else qkv, cos, sin, slot_mapping, q, k_cache, v_cache,
             qkv.stride(0), cos.stride(0), float(eps), HEADS=num_heads, KV_HEADS=num_kv_heads, DIM=head_dim,
-            HALF=head_dim // 2, QK_NORM=qk_norm, num_warps=max(1, min(4, head_dim // 128)), **pdl_launch(qkv))
+            HALF=head_dim // 2, QK_NORM=qk_norm, HEAD_STEP=step, num_warps=max(1, min(4, head_dim // 128)),
+            **pdl_launch(qkv))
     return q
