@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from gemma_serve.bench.gpu_monitor import ClockSampler
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.gc_freeze import freeze_long_lived, unfreeze
 from gemma_serve.engine.llm_engine import LLMEngine
@@ -40,7 +41,10 @@ from gemma_serve.engine.sampling_params import SamplingParams
 @dataclass
 class Ceilings:
     copy_gbps: float  # bytes read + written per second, GB/s
-    bf16_tflops: float
+    bf16_tflops: float  # a burst of 10 matmuls: the rate the bounds use
+    # The same matmuls back to back for a few seconds (reported, not used in the bounds): under a
+    # power cap the clock falls, and a long prompt-heavy run gets this rate rather than the burst's.
+    bf16_tflops_sustained: float | None = None
 
 
 @dataclass
@@ -66,8 +70,9 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def measure_ceilings() -> Ceilings:
-    """A large device copy (bytes read + written) and a bf16 8192^3 matmul, medians of repeats."""
+def measure_ceilings(sustained_s: float = 3.0) -> Ceilings:
+    """A large device copy (bytes read + written) and a bf16 8192^3 matmul, medians of repeats; then
+    the matmul for `sustained_s` seconds back to back (0: skip)."""
     n = 1 << 30  # 2 GiB of bf16 per buffer
     a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     b = torch.empty_like(a)
@@ -92,9 +97,29 @@ def measure_ceilings() -> Ceilings:
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     flops = 2 * 8192 ** 3 / statistics.median(times[2:]) / 1e12
+    sustained = sustained_matmul_tflops(m, k, sustained_s) if sustained_s > 0 else None
     del m, k
     torch.cuda.empty_cache()
-    return Ceilings(copy, flops)
+    return Ceilings(copy, flops, sustained)
+
+
+def sustained_matmul_tflops(m: torch.Tensor, k: torch.Tensor, seconds: float, batch: int = 20) -> float:
+    """[n, n] @ [n, n] back to back for `seconds` of GPU time, in batches of `batch` products timed by
+    events; the rate of the last third of the batches (the clock has settled by then)."""
+    n = m.shape[0]
+    rates = []
+    elapsed = 0.0
+    while elapsed < seconds:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(batch):
+            m @ k
+        end.record()
+        end.synchronize()
+        s = start.elapsed_time(end) / 1e3
+        elapsed += s
+        rates.append(2 * n ** 3 * batch / s / 1e12)
+    return statistics.median(rates[-max(1, len(rates) // 3):])
 
 
 def _param_bytes(engine: LLMEngine) -> int:
@@ -314,7 +339,10 @@ def run_decode_workloads(engine: LLMEngine, ceil: Ceilings, wanted: set[str], w2
         r.bound_tok_s = decode_bound(engine, ceil, 1, 128 + 256)
         rows.append(r)
     if "W2" in wanted:
-        r = run_requests(engine, _prompts(w2_requests, 512, vocab, 2), SamplingParams(max_tokens=256, **greedy))
+        with ClockSampler() as clocks:
+            r = run_requests(engine, _prompts(w2_requests, 512, vocab, 2), SamplingParams(max_tokens=256, **greedy))
+        stats = clocks.stats()
+        r.extra["clocks"] = asdict(stats) if stats else None
         r.name = f"W2 throughput {w2_requests} x 512/256, <=256 running"
         _set_bounds(r, *workload_bound(engine, ceil, w2_requests, 512, 256, 256))
         r.extra["preemptions"] = engine.stats().extra.get("num_preemptions")
@@ -345,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                     "load_format": args.load_format, "quantizations": quantizations, "workloads": {}}
     ceil = measure_ceilings()
     report["ceilings"] = asdict(ceil)
-    print(f"device {report['device']}: copy {ceil.copy_gbps:.0f} GB/s (read+write), bf16 {ceil.bf16_tflops:.0f} TFLOP/s",
+    print(f"device {report['device']}: copy {ceil.copy_gbps:.0f} GB/s (read+write), bf16 {ceil.bf16_tflops:.0f} TFLOP/s "
+          f"(burst; the bounds use it), {ceil.bf16_tflops_sustained or float('nan'):.0f} TFLOP/s sustained over 3 s",
           flush=True)
     wanted = set(args.workloads.split(","))
     rows = []
@@ -428,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"steps with prompt rows {r.extra['prefill_steps_s']:.2f} s (the prompts' FLOPs alone: "
                   f"{r.extra['prefill_bound_s']:.2f} s), decode-only steps {r.extra['decode_steps_s']:.2f} s"
                   f" ({step_counts(r.extra.get('steps', []))})")
+        if r.extra.get("clocks"):
+            c = r.extra["clocks"]
+            print(f"{r.name} {r.quantization}: SM clock mean {c['sm_clock_mean_mhz']:.0f} MHz (min "
+                  f"{c['sm_clock_min_mhz']:.0f}), power mean {c['power_mean_w']:.0f} W (max {c['power_max_w']:.0f}), "
+                  f"power cap slowing the clock in {c['power_capped_pct']:.0f}% of samples")
     if "transformers_W3" in report:
         for k, v in report["transformers_W3"].items():
             runs = ", ".join(f"{x:.1f}" for x in v.get("runs_tok_s", []))

@@ -16,6 +16,7 @@ tokens a step) it measures:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -322,8 +323,9 @@ def _kernel_tables(probe: StepProbe, kinds: list[str], out_dir: Path) -> dict[st
 
 
 def prefill_tile_sweep(engine: LLMEngine) -> list[dict]:
-    """paged_prefill on one layer's shapes (16 x 512 fresh prompts) for several tile sizes, against
-    torch SDPA (flash, causal, GQA) on the same rows laid out densely."""
+    """paged_prefill on one layer's shapes (16 x 512 fresh prompts) for several tile sizes, each with
+    the key loop masked throughout and split (`split_mask`), against torch SDPA (flash, causal, GQA)
+    on the same rows laid out densely."""
     cfg = engine.runner.model_config
     dev = engine.runner.device
     dtype = engine.runner.dtype
@@ -342,15 +344,18 @@ def prefill_tile_sweep(engine: LLMEngine) -> list[dict]:
     scale = cfg.query_pre_attn_scalar ** -0.5
     rows = []
     ref = attention.paged_prefill(q, k_cache, v_cache, meta, scale, None, None, torch.empty_like(q)).float()
-    for bm, bn, warps, stages in [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2),
-                                  (64, 32, 4, 2), (64, 64, 4, 3), (32, 64, 4, 2)]:
+    for (bm, bn, warps, stages), split in itertools.product(
+            [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3),
+             (32, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)], (False, True)):
         tiles = attention.KernelTiles(bm, bn, warps, stages)
+        name = f"{bm}x{bn} w{warps} s{stages}{' split' if split else ''}"
         try:
-            ms = _gpu_ms(lambda: attention.paged_prefill(q, k_cache, v_cache, meta, scale, None, None, out, tiles))
+            ms = _gpu_ms(lambda: attention.paged_prefill(q, k_cache, v_cache, meta, scale, None, None, out, tiles,
+                                                         split_mask=split))
             err = float((out.float() - ref).abs().max())
-            rows.append({"tiles": f"{bm}x{bn} w{warps} s{stages}", "ms": ms, "max_abs_diff": err})
+            rows.append({"tiles": name, "ms": ms, "max_abs_diff": err})
         except Exception as exc:  # a tile that does not fit shared memory: report it, go on
-            rows.append({"tiles": f"{bm}x{bn} w{warps} s{stages}", "error": f"{type(exc).__name__}: {exc}"[:200]})
+            rows.append({"tiles": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
     values = v_cache[:n * blocks].view(n, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
     keys = k_cache[:n * blocks].view(n, length, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
     dense_q = q.view(n, length, cfg.num_heads, cfg.head_dim).transpose(1, 2)
@@ -364,6 +369,12 @@ def prefill_tile_sweep(engine: LLMEngine) -> list[dict]:
         if "ms" in r:
             r["tflops"] = flops / (r["ms"] / 1e3) / 1e12
     return rows
+
+
+def _print_prefill_sweep(rows: list[dict]) -> None:
+    for r in rows:
+        print(f"prefill attention {r['tiles']:30s} " + (f"{r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s "
+              f"diff {r['max_abs_diff']:.2e}" if "ms" in r else r["error"]), flush=True)
 
 
 def _graph_us(fn, launches: int) -> float:
@@ -443,6 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quantization", default="none")
     parser.add_argument("--out", type=Path, required=True, help="folder for profile.json and kernels-*.txt")
     parser.add_argument("--skip-sweeps", action="store_true", help="leave out the attention tile sweeps")
+    parser.add_argument("--prefill-sweep-only", action="store_true",
+                        help="only the prefill attention sweep (tiles x split key loop, against SDPA)")
     parser.add_argument("--decode", default="1:128:64,256:512:24",
                         help="decode steps to time, batch:prompt_len:steps,... (wall against GPU busy per step)")
     parser.add_argument("--host-split", default="",
@@ -461,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
                                     max_queue_len=1 << 20, quantization=args.quantization))
     probe = StepProbe(engine, 255_000)
     report: dict = {"device": torch.cuda.get_device_name(), "quantization": args.quantization}
+    if args.prefill_sweep_only:
+        report["prefill_tiles"] = prefill_tile_sweep(engine)
+        _print_prefill_sweep(report["prefill_tiles"])
+        (args.out / "profile.json").write_text(json.dumps(report, indent=2))
+        return 0
     report["decode"] = [decode_steps(probe, *map(int, spec.split(":"))) for spec in args.decode.split(",")]
     for d in report["decode"]:
         print(f"decode batch {d['batch']:3d} ctx ~{d['context']}: step {d['step_wall_ms']:.2f} ms, GPU busy "
@@ -487,9 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"first token of a {ft['prompt_len']}-token prompt: step {ft['step_wall_ms']:.2f} ms, GPU busy "
           f"{ft['gpu_busy_ms']:.2f} ms, host adds {ft['host_ms']:.2f} ms", flush=True)
     report["prefill_tiles"] = [] if args.skip_sweeps else prefill_tile_sweep(engine)
-    for r in report["prefill_tiles"]:
-        print(f"prefill attention {r['tiles']:30s} " + (f"{r['ms']:.3f} ms {r['tflops']:.0f} TFLOP/s "
-              f"diff {r['max_abs_diff']:.2e}" if "ms" in r else r["error"]), flush=True)
+    _print_prefill_sweep(report["prefill_tiles"])
     report["copy_gbps"] = copy_rate_gbps()
     report["decode_tiles"] = [] if args.skip_sweeps else decode_tile_sweep(engine, report["copy_gbps"])
     for r in report["decode_tiles"]:

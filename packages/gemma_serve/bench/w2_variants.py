@@ -1,0 +1,157 @@
+"""W2 under several engine settings on one engine, interleaved, so that the settings are compared in
+one call on the same engine, the same prompts and the same (power-capped) GPU (GPU).
+
+W2 is engine_bench's throughput workload: 1024 requests of 512 random prompt tokens and 256 new
+tokens, at most 256 running, random bf16 weights in Gemma 3 4B's shapes. On the H200 its prompt steps
+run under the 700 W power cap (SM clock 1,590-1,890 MHz instead of 1,980), which moves a W2 rate by a
+few percent from one run to the next: a setting measured in another run, or after a different
+warm-up, is not comparable. Here every variant gets a warm-up run, then the timed runs go round-robin
+(A B C A B C ...), each with its SM clock and power sampled.
+
+A variant is `base` (the engine as configured) or comma-separated knob=value pairs:
+  qkv_heads=N      heads of one token per program of the QK-norm/RoPE/cache-write kernel on prompt
+                   steps (fused_kernels.QKV_HEADS_PER_PROGRAM, GEMMA_QKV_HEADS_PER_PROGRAM)
+  budget=N         tokens per step (the scheduler's max_num_batched_tokens, at most the engine's 8192)
+  overlap_eager=0|1  eager (prefill, mixed) steps overlapped (model_runner.OVERLAP_EAGER)
+  prefill_split=0|1  the prefill attention kernel's key loop split into unmasked and masked blocks
+                   (attention.PREFILL_SPLIT_MASK)
+
+    PYTHONPATH=packages python3 -m gemma_serve.bench.w2_variants --variants "base;qkv_heads=4;budget=4096" \\
+        --repeats 2 --out w2-variants.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gemma_serve.bench.engine_bench import _prompts, measure_ceilings, run_requests, step_counts, workload_bound
+from gemma_serve.bench.gpu_monitor import ClockSampler
+from gemma_serve.engine import attention, fused_kernels, model_runner
+from gemma_serve.engine.compile_log import CompileLog
+from gemma_serve.engine.config import EngineConfig
+from gemma_serve.engine.gc_freeze import freeze_long_lived
+from gemma_serve.engine.llm_engine import LLMEngine
+from gemma_serve.engine.sampling_params import SamplingParams
+
+
+def _module_knob(module, name: str, cast: Callable[[str], object]):
+    def apply(engine: LLMEngine, value: str) -> Callable[[], None]:
+        old = getattr(module, name)
+        setattr(module, name, cast(value))
+        return lambda: setattr(module, name, old)
+    return apply
+
+
+def _budget(engine: LLMEngine, value: str) -> Callable[[], None]:
+    scheduler = engine.scheduler
+    old = scheduler.max_num_batched_tokens
+    if not 0 < int(value) <= engine.config.max_num_batched_tokens:
+        raise ValueError(f"budget={value}: must be in 1..{engine.config.max_num_batched_tokens} (the engine's)")
+    scheduler.max_num_batched_tokens = int(value)
+    return lambda: setattr(scheduler, "max_num_batched_tokens", old)
+
+
+KNOBS = {
+    "qkv_heads": _module_knob(fused_kernels, "QKV_HEADS_PER_PROGRAM", int),
+    "budget": _budget,
+    "overlap_eager": _module_knob(model_runner, "OVERLAP_EAGER", lambda v: v == "1"),
+    "prefill_split": _module_knob(attention, "PREFILL_SPLIT_MASK", lambda v: v == "1"),
+}
+
+
+def parse_variants(spec: str) -> list[dict[str, str]]:
+    """'base;qkv_heads=4;budget=4096,qkv_heads=4' -> [{}, {'qkv_heads': '4'}, {...}]."""
+    variants = []
+    for part in spec.split(";"):
+        part = part.strip()
+        if not part or part == "base":
+            variants.append({})
+            continue
+        knobs = dict(kv.split("=", 1) for kv in part.split(","))
+        unknown = set(knobs) - set(KNOBS)
+        if unknown:
+            raise SystemExit(f"unknown knob(s) {sorted(unknown)}; known: {sorted(KNOBS)}")
+        variants.append(knobs)
+    return variants
+
+
+def label(variant: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in variant.items()) or "base"
+
+
+def run_variant(engine: LLMEngine, variant: dict[str, str], prompts: list[list[int]], params: SamplingParams) -> dict:
+    undo = []
+    try:
+        for k, v in variant.items():
+            undo.append(KNOBS[k](engine, v))
+        with ClockSampler() as clocks, CompileLog() as compiled:
+            r = run_requests(engine, prompts, params)
+    finally:
+        for u in reversed(undo):
+            u()
+    steps = r.extra["steps"]
+    mixed = [s[2] for s in steps if s[0]]
+    decode = [s[2] for s in steps if not s[0]]
+    stats = clocks.stats()
+    return {"variant": label(variant), "output_tok_s": r.output_tok_s, "wall_s": r.wall_s,
+            "ttft_ms_mean": r.ttft_ms_mean, "itl_ms_p99": r.itl_ms_p99,
+            "prompt_steps": len(mixed), "prompt_steps_s": sum(mixed) / 1e3, "decode_steps": len(decode),
+            "decode_steps_s": sum(decode) / 1e3, "decode_step_ms_median": statistics.median(decode) if decode else None,
+            "step_counts": step_counts(steps), "compiled": compiled.summary(),
+            "clocks": asdict(stats) if stats else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bench/configs/gemma-3-4b-it")
+    parser.add_argument("--variants", default="base;qkv_heads=4")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each variant (round-robin)")
+    parser.add_argument("--requests", type=int, default=1024)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    variants = parse_variants(args.variants)
+    ceil = measure_ceilings(sustained_s=0)
+    engine = LLMEngine(EngineConfig(model=args.model, load_format="random", device="cuda", dtype="bfloat16",
+                                    max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=1024,
+                                    max_queue_len=1 << 20))
+    freeze_long_lived()
+    vocab = engine.runner.model_config.vocab_size
+    params = SamplingParams(max_tokens=256, temperature=0.0, stop_token_ids=())
+    prompts = _prompts(args.requests, 512, vocab, 2)
+    _, bound = workload_bound(engine, ceil, args.requests, 512, 256, 256)
+    report: dict = {"device": torch.cuda.get_device_name(), "ceilings": asdict(ceil), "bound_with_prefill_tok_s": bound,
+                    "requests": args.requests, "warm_up": [], "runs": []}
+    t = time.perf_counter()
+    for variant in variants:  # each setting's kernels compile (and cuBLAS picks) before any timed run
+        report["warm_up"].append(run_variant(engine, variant, _prompts(64, 512, vocab, 7),
+                                             SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=())))
+    print(f"warm-up of {len(variants)} variants: {time.perf_counter() - t:.1f} s", flush=True)
+    for rep in range(args.repeats):
+        for variant in variants:
+            run = run_variant(engine, variant, prompts, params)
+            run["repeat"] = rep
+            run["pct_of_bound_with_prefill"] = 100 * run["output_tok_s"] / bound
+            report["runs"].append(run)
+            c = run["clocks"] or {}
+            print(f"{run['variant']:32s} rep {rep}: {run['output_tok_s']:9.1f} tok/s ({run['pct_of_bound_with_prefill']:.1f}% "
+                  f"of {bound:.0f}); prompt steps {run['prompt_steps']} in {run['prompt_steps_s']:.2f} s, decode-only "
+                  f"{run['decode_steps']} in {run['decode_steps_s']:.2f} s (median {run['decode_step_ms_median']:.2f} ms); "
+                  f"SM {c.get('sm_clock_mean_mhz', float('nan')):.0f} MHz, capped {c.get('power_capped_pct', float('nan')):.0f}%; "
+                  f"{run['compiled']}", flush=True)
+            args.out.write_text(json.dumps(report, indent=1))
+    print("\nvariant                           mean tok/s  runs")
+    for variant in variants:
+        rates = [r["output_tok_s"] for r in report["runs"] if r["variant"] == label(variant)]
+        print(f"{label(variant):32s} {statistics.mean(rates):10.1f}  " + ", ".join(f"{x:.0f}" for x in rates))
+
+
+if __name__ == "__main__":
+    main()
