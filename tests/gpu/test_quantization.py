@@ -329,6 +329,29 @@ def test_few_token_kernel_matches_float64_reference(weights, m):
             assert rel_err(fused, gelu_mul(out, dtype)) < (1e-6 if dtype == torch.float32 else 4e-3), cfg
 
 
+@pytest.mark.interpretable
+@pytest.mark.parametrize("m", [5, 40, 130])
+def test_matrix_kernel_on_float_weights_without_scales(m):
+    """The matrix-unit kernel on a float weight of x's dtype (no scales; what `quant_bench
+    --bf16-matrix` times against cuBLAS): the product for tile shapes with and without the operands
+    swapped, K splits and a ragged K; a weight of another dtype is refused."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float32  # the interpreter's dots are exact in float32
+    n, k = (4096, 2560) if ON_GPU else (80, 200)
+    gen = generator(m)
+    w = (torch.randn(n, k, device=DEVICE, generator=gen) * 0.02).to(dtype)
+    x = torch.randn(m, k, device=DEVICE, generator=gen).to(dtype)
+    ref = x.double() @ w.double().T
+    configs = [quant.KernelConfig(16, 32, 64, 1, 4, 2), quant.KernelConfig(32, 64, 64, 2, 4, 2, swap_ab=False),
+               quant.KernelConfig(64, 16, 128, 1, 4, 2), quant.KernelConfig(16, 64, 32, 3, 4, 2, swap_ab=False)]
+    for cfg in configs:
+        out = quant.triton_weight_only_linear(x, w, None, cfg, out_dtype=torch.float32)
+        assert out.shape == (m, n) and out.dtype == torch.float32
+        err = rel_err(out, ref)
+        assert err < (1e-5 if dtype == torch.float32 else 2e-3), f"m={m} {cfg}: rel err {err:.2e}"
+    with pytest.raises(ValueError, match="x's dtype"):
+        quant.triton_weight_only_linear(x, w.to(torch.float16), None, configs[0])
+
+
 def test_half2_start_up_check_passes_here_and_falls_back_on_a_wrong_layout(monkeypatch):
     """`check_half2` (run by `quantize_model`) keeps half2 on this GPU and Triton, and switches the
     engine to float-add when half2 gives wrong sums: here the real kernel's output with its rows

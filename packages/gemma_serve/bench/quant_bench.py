@@ -241,6 +241,62 @@ def bf16_gemv_sweep(copy_gbps: float, layers: int) -> list[dict]:
     return rows
 
 
+def bf16_matrix_sweep(ms: list[int], copy_gbps: float, layers: int) -> list[dict]:
+    """bf16 weights at decode batch sizes (64-256 rows), float32 outputs as the engine's qkv, o and
+    down (and gate_up up to 256 rows) return them: cuBLAS (`quantization.matmul`) against the
+    Triton matrix-unit kernel without scales, per projection and tile shape. At 256 rows a W2
+    decode step spent 3.1 ms in these projections against 2.1 ms at the matmul rate (qkv, o and
+    down at 43-65% of it, cuBLAS's split-K reduce another 0.15 ms); at 128 rows (W3) qkv, o and
+    down read their weights at 32-52% of the copy rate. Each layer has its own weights."""
+    rows = []
+    for m in ms:
+        xs = inputs(m)
+        for name, (n, k) in SHAPES.items():
+            stack = make_weights("bf16", {name: (n, k)}, layers)
+            bound_us = weight_bytes(stack) / (copy_gbps * 1e9) * 1e6 / layers
+            mats = [layer[name] for layer in stack]
+            x = xs[k]
+
+            def cublas(mats: list[torch.Tensor] = mats, x: torch.Tensor = x) -> None:
+                for w in mats:
+                    quant.matmul(x, w, torch.float32)
+
+            def triton_step(cfg: quant.KernelConfig, mats: list[torch.Tensor] = mats, x: torch.Tensor = x):
+                def run() -> None:
+                    for w in mats:
+                        quant.triton_weight_only_linear(x, w, None, cfg, out_dtype=torch.float32)
+                return run
+
+            cublas_us = graph_ms(cublas) * 1e3 / layers
+            timed: dict[str, float] = {}
+            configs: dict[str, quant.KernelConfig] = {}
+            for cand in sweep_candidates(m):
+                cfg = resolve_split(cand, m, n, k)
+                if cfg is None or str(cfg) in timed:
+                    continue
+                configs[str(cfg)] = cfg
+                try:
+                    timed[str(cfg)] = graph_ms(triton_step(cfg)) * 1e3 / layers
+                except Exception as exc:  # out of shared memory and the like: report, go on
+                    timed[str(cfg)] = float("inf")
+                    print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            best = min(timed, key=timed.get)
+            ref = x.double() @ mats[0].double().T
+            got = quant.triton_weight_only_linear(x, mats[0], None, configs[best], out_dtype=torch.float32)
+            err = float((got.double() - ref).norm() / ref.norm())
+            rows.append(dict(m=m, shape=name, n=n, k=k, bound_us=bound_us, tflop=2 * m * n * k / 1e12,
+                             cublas_us=cublas_us, best=best, best_us=timed[best],
+                             speedup_vs_cublas=cublas_us / timed[best], rel_err=err,
+                             top5=sorted(timed.items(), key=lambda kv: kv[1])[:5]))
+            print(f"bf16 matrix m={m:4d} {name:8s} weights at the copy rate {bound_us:6.1f} us; cuBLAS {cublas_us:6.1f} us, "
+                  f"Triton best {timed[best]:6.1f} us ({cublas_us / timed[best]:.2f}x) {best}  rel err {err:.1e}",
+                  flush=True)
+            mats.clear()
+            stack.clear()
+            torch.cuda.empty_cache()
+    return rows
+
+
 INT8_WIDENINGS = quant.INT8_GEMV_WIDENINGS
 
 
@@ -377,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="only: one token on INT8 weights, the one-token kernel's widenings and tile shapes")
     parser.add_argument("--gemv-variants", action="store_true",
                         help="only: one token through each layer's projections, one change of the kernel at a time")
+    parser.add_argument("--bf16-matrix", default="",
+                        help="rows, e.g. 64,128,256: bf16 weights on the Triton matrix-unit kernel against cuBLAS, "
+                             "float32 outputs, per projection and tile shape")
     parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -391,7 +450,10 @@ def main(argv: list[str] | None = None) -> int:
                     "layers": args.layers, "stack": []}
     print(f"device {report['device']}: copy {copy:.0f} GB/s (read+write); {args.layers} layers x "
           f"{', '.join(f'{k} {n}x{kk}' for k, (n, kk) in SHAPES.items())}", flush=True)
-    if args.bf16_gemv or args.int8_gemv or args.gemv_variants:
+    if args.bf16_gemv or args.int8_gemv or args.gemv_variants or args.bf16_matrix:
+        if args.bf16_matrix:
+            report["bf16_matrix"] = bf16_matrix_sweep([int(b) for b in args.bf16_matrix.split(",")], copy,
+                                                      args.layers)
         if args.gemv_variants:
             report["gemv_variants"] = gemv_variants(copy, args.layers)
         if args.bf16_gemv:

@@ -820,11 +820,12 @@ if triton is not None:
     def _weight_only_matmul_kernel(X, W, S, OUT, M, N, K, stride_xm, stride_wn, stride_om, stride_split, split_k,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                    EVEN_K: tl.constexpr, WIDEN: tl.constexpr, SWAP_AB: tl.constexpr,
-                                   PDL: tl.constexpr = False):
+                                   HAS_SCALE: tl.constexpr = True, PDL: tl.constexpr = False):
         """OUT[split][m, n] = scale[n] * sum over this split's K of X[m, k] * W[n, k] on the matrix
         units. With SWAP_AB the product is computed transposed, [BLOCK_N, BLOCK_M] = W tile @ X
         tile^T, so the weight fills the unit's row dimension even for a few tokens. Out-of-range rows
-        and columns are read wrapped around (always in bounds, no load masks) and never stored."""
+        and columns are read wrapped around (always in bounds, no load masks) and never stored.
+        Without HAS_SCALE, W is a float matrix of X's dtype, multiplied as it is."""
         pdl_wait(PDL)
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
@@ -874,11 +875,13 @@ if triton is not None:
             x_ptrs += BLOCK_K
         out = OUT + pid_k * stride_split
         if SWAP_AB:
-            acc = acc * tl.load(S + rows_w)[:, None]
+            if HAS_SCALE:
+                acc = acc * tl.load(S + rows_w)[:, None]
             tl.store(out + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None], acc.to(OUT.dtype.element_ty),
                      mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
         else:
-            acc = acc * tl.load(S + rows_w)[None, :]
+            if HAS_SCALE:
+                acc = acc * tl.load(S + rows_w)[None, :]
             tl.store(out + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :], acc.to(OUT.dtype.element_ty),
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -921,7 +924,8 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
                               prefetch: bool | None = None) -> torch.Tensor:
     """The Triton path of `weight_only_linear` (x bf16/fp16, qweight int8 or fp8 e4m3 [N, K] with
     contiguous rows, scale float32 [N]). Static shapes for a given x: CUDA-graph capturable.
-    scale None: qweight is a 16-bit float matrix, multiplied as it is (one token only).
+    scale None: qweight is a float matrix of x's dtype, multiplied as it is (16-bit on the one-token
+    kernel; any on the matrix-unit kernel, which `quant_bench --bf16-matrix` times against cuBLAS).
     out_dtype: the output's (default x's; float32 keeps the accumulators unrounded).
     gelu_mul (one token): qweight is a gate_up matrix [2 * inter, K]; returns gelu_tanh(gate) * up
     [..., inter] (rounded once to out_dtype), as `fused_kernels.gelu_mul` of the product.
@@ -940,8 +944,9 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
         return y.reshape(*x.shape[:-1], n_out)
     cfg = config or kernel_config(m, n, k, _num_sms(x.device.index or 0))
     widen = _WIDEN_CONVERT
-    if scale is None and (cfg.block_m != 1 or qweight.element_size() != 2):
-        raise ValueError("a weight without scales (16-bit floats) runs on the one-token kernel only")
+    if scale is None and (qweight.dtype != x.dtype or (cfg.block_m == 1 and qweight.element_size() != 2)):
+        raise ValueError(f"a weight without scales must have x's dtype ({x.dtype}, got {qweight.dtype}), and be "
+                         f"16-bit on the one-token kernel")
     if gelu_mul and (cfg.block_m != 1 or cfg.split_k != 1 or cfg.block_n % 2 or n % 2):
         raise ValueError(f"gelu_mul runs on the one-token kernel without K splits, on an even output width: {cfg}")
     if x.dtype == torch.bfloat16 and scale is not None:
@@ -973,7 +978,8 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
         _weight_only_matmul_kernel[grid](x2, qweight, scale, out, m, n, k, x2.stride(0), qweight.stride(0), n,
                                          m * n, cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                                          BLOCK_K=cfg.block_k, EVEN_K=even_k, WIDEN=widen, SWAP_AB=cfg.swap_ab,
-                                         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_launch(x2))
+                                         HAS_SCALE=scale is not None, num_warps=cfg.num_warps,
+                                         num_stages=cfg.num_stages, **pdl_launch(x2))
     if cfg.split_k > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](out, y, m * n, SPLIT_K=cfg.split_k, BLOCK=block,
