@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -247,7 +248,8 @@ def bf16_matrix_sweep(ms: list[int], copy_gbps: float, layers: int) -> list[dict
     Triton matrix-unit kernel without scales, per projection and tile shape. At 256 rows a W2
     decode step spent 3.1 ms in these projections against 2.1 ms at the matmul rate (qkv, o and
     down at 43-65% of it, cuBLAS's split-K reduce another 0.15 ms); at 128 rows (W3) qkv, o and
-    down read their weights at 32-52% of the copy rate. Each layer has its own weights."""
+    down read their weights at 32-52% of the copy rate. Each layer has its own weights. The JSON
+    this writes is what GEMMA_BF16_MATRIX_TABLE reads (`quantization.load_bf16_matrix_table`)."""
     rows = []
     for m in ms:
         xs = inputs(m)
@@ -285,7 +287,7 @@ def bf16_matrix_sweep(ms: list[int], copy_gbps: float, layers: int) -> list[dict
             got = quant.triton_weight_only_linear(x, mats[0], None, configs[best], out_dtype=torch.float32)
             err = float((got.double() - ref).norm() / ref.norm())
             rows.append(dict(m=m, shape=name, n=n, k=k, bound_us=bound_us, tflop=2 * m * n * k / 1e12,
-                             cublas_us=cublas_us, best=best, best_us=timed[best],
+                             cublas_us=cublas_us, best=best, best_config=asdict(configs[best]), best_us=timed[best],
                              speedup_vs_cublas=cublas_us / timed[best], rel_err=err,
                              top5=sorted(timed.items(), key=lambda kv: kv[1])[:5]))
             print(f"bf16 matrix m={m:4d} {name:8s} weights at the copy rate {bound_us:6.1f} us; cuBLAS {cublas_us:6.1f} us, "

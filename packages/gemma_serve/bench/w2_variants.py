@@ -15,6 +15,9 @@ A variant is `base` (the engine as configured) or comma-separated knob=value pai
   overlap_eager=0|1  eager (prefill, mixed) steps overlapped (model_runner.OVERLAP_EAGER)
   prefill_split=0|1  the prefill attention kernel's key loop split into unmasked and masked blocks
                    (attention.PREFILL_SPLIT_MASK)
+  bf16_matrix=PATH the projections and row counts a `quant_bench --bf16-matrix` JSON found faster on
+                   the Triton matrix-unit kernel run there (GEMMA_BF16_MATRIX_TABLE); the decode
+                   graphs are captured again for it
 
     PYTHONPATH=packages python3 -m gemma_serve.bench.w2_variants --variants "base;qkv_heads=4;budget=4096" \\
         --repeats 2 --out w2-variants.json
@@ -34,7 +37,7 @@ import torch
 
 from gemma_serve.bench.engine_bench import _prompts, measure_ceilings, run_requests, step_counts, workload_bound
 from gemma_serve.bench.gpu_monitor import ClockSampler
-from gemma_serve.engine import attention, fused_kernels, model_runner
+from gemma_serve.engine import attention, fused_kernels, model_runner, quantization
 from gemma_serve.engine.compile_log import CompileLog
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.gc_freeze import freeze_long_lived
@@ -59,11 +62,33 @@ def _budget(engine: LLMEngine, value: str) -> Callable[[], None]:
     return lambda: setattr(scheduler, "max_num_batched_tokens", old)
 
 
+def _bf16_matrix(engine: LLMEngine, value: str) -> Callable[[], None]:
+    """A `quant_bench --bf16-matrix` JSON: the decode graphs are captured again with the
+    projections it names on the matrix-unit kernel (and again without it afterwards)."""
+    old = quantization.BF16_MATRIX_TABLE
+    quantization.BF16_MATRIX_TABLE = quantization.load_bf16_matrix_table(value)
+    _recapture(engine)
+
+    def undo() -> None:
+        quantization.BF16_MATRIX_TABLE = old
+        _recapture(engine)
+    return undo
+
+
+def _recapture(engine: LLMEngine) -> None:
+    graphs = engine.runner.graphs
+    if graphs is not None:
+        graphs.graphs.clear()
+        graphs.outputs.clear()
+        graphs.capture()
+
+
 KNOBS = {
     "qkv_heads": _module_knob(fused_kernels, "QKV_HEADS_PER_PROGRAM", int),
     "budget": _budget,
     "overlap_eager": _module_knob(model_runner, "OVERLAP_EAGER", lambda v: v == "1"),
     "prefill_split": _module_knob(attention, "PREFILL_SPLIT_MASK", lambda v: v == "1"),
+    "bf16_matrix": _bf16_matrix,
 }
 
 
