@@ -9,7 +9,8 @@
 #     2. the prefill attention sweep: tiles x key loop masked throughout / split, against SDPA;
 #     3. W2 under the settings prepared without a GPU, interleaved on one engine, with SM clocks:
 #        qkv_heads=4 (the QK-norm/RoPE/cache-write kernel took 5.4 ms of a 95 ms mixed step as 131K
-#        one-head programs), prefill_split=1, and smaller token budgets (engine_bench runs W2 at
+#        one-head programs; with 2 or 4 warps), prefill_split=1 (with the others; step 2 times it
+#        alone), and smaller token budgets (engine_bench runs W2 at
 #        8192 tokens a step; serving's default is 4096): in a mixed step the ~240 decode rows cost
 #        their attention plus a share of a large, efficient matmul, against a 10.5 ms decode-only
 #        step, so more, smaller mixed steps may finish W2 sooner.
@@ -37,8 +38,8 @@ case "${1:-1}" in
     timeout 60 python3 -m gemma_serve.bench.step_profile --prefill-sweep-only --out "$OUT/prefill-sweep" \
         > "$OUT/prefill-sweep.log" 2>&1
     grep "prefill attention" "$OUT/prefill-sweep.log"
-    timeout 300 python3 -m gemma_serve.bench.w2_variants --repeats 2 --out "$OUT/w2-variants.json" \
-        --variants "base;qkv_heads=4;prefill_split=1;budget=4096;budget=2048;qkv_heads=4,prefill_split=1,budget=2048" \
+    timeout 330 python3 -m gemma_serve.bench.w2_variants --repeats 2 --out "$OUT/w2-variants.json" \
+        --variants "base;qkv_heads=4;qkv_heads=4,qkv_warps=4;budget=4096;budget=2048;qkv_heads=4,prefill_split=1,budget=2048" \
         > "$OUT/w2-variants.log" 2>&1
     grep -v -i warn "$OUT/w2-variants.log" | tail -22
     ;;

@@ -44,4 +44,4 @@ def test_each_knob_holds_during_its_run_only(checkpoints):
     run_variant(engine, {"qkv_heads": "4", "overlap_eager": "0", "prefill_split": "1"}, prompts, params)
     assert seen and set(seen) == {(4, False, True)}
     assert (fused_kernels.QKV_HEADS_PER_PROGRAM, model_runner.OVERLAP_EAGER, attention.PREFILL_SPLIT_MASK) == before
-    assert set(KNOBS) == {"qkv_heads", "budget", "overlap_eager", "prefill_split", "bf16_matrix"}
+    assert set(KNOBS) == {"qkv_heads", "qkv_warps", "budget", "overlap_eager", "prefill_split", "bf16_matrix"}

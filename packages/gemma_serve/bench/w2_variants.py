@@ -11,6 +11,7 @@ warm-up, is not comparable. Here every variant gets a warm-up run, then the time
 A variant is `base` (the engine as configured) or comma-separated knob=value pairs:
   qkv_heads=N      heads of one token per program of the QK-norm/RoPE/cache-write kernel on prompt
                    steps (fused_kernels.QKV_HEADS_PER_PROGRAM, GEMMA_QKV_HEADS_PER_PROGRAM)
+  qkv_warps=N      warps of such a program when it takes several heads (fused_kernels.QKV_GROUP_WARPS)
   budget=N         tokens per step (the scheduler's max_num_batched_tokens, at most the engine's 8192)
   overlap_eager=0|1  eager (prefill, mixed) steps overlapped (model_runner.OVERLAP_EAGER)
   prefill_split=0|1  the prefill attention kernel's key loop split into unmasked and masked blocks
@@ -85,6 +86,7 @@ def _recapture(engine: LLMEngine) -> None:
 
 KNOBS = {
     "qkv_heads": _module_knob(fused_kernels, "QKV_HEADS_PER_PROGRAM", int),
+    "qkv_warps": _module_knob(fused_kernels, "QKV_GROUP_WARPS", int),
     "budget": _budget,
     "overlap_eager": _module_knob(model_runner, "OVERLAP_EAGER", lambda v: v == "1"),
     "prefill_split": _module_knob(attention, "PREFILL_SPLIT_MASK", lambda v: v == "1"),

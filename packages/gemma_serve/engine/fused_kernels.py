@@ -46,6 +46,8 @@ if triton is not None:
 # (prompt steps). 1 (the default until measured on a GPU) keeps one head per program everywhere.
 QKV_HEADS_PER_PROGRAM = int(os.environ.get("GEMMA_QKV_HEADS_PER_PROGRAM", "1"))
 QKV_GROUP_MIN_TOKENS = 512
+# Warps of a program that takes several heads (0: as for one head, head_dim / 128 up to 4).
+QKV_GROUP_WARPS = int(os.environ.get("GEMMA_QKV_GROUP_WARPS", "0"))
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -311,6 +313,7 @@ def qkv_to_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim:
         _qkv_to_cache_kernel[(tokens, (num_heads + 2 * num_kv_heads) // step)](
             qkv, q_norm if qk_norm else qkv, k_norm if qk_norm else qkv, cos, sin, slot_mapping, q, k_cache, v_cache,
             qkv.stride(0), cos.stride(0), float(eps), HEADS=num_heads, KV_HEADS=num_kv_heads, DIM=head_dim,
-            HALF=head_dim // 2, QK_NORM=qk_norm, HEAD_STEP=step, num_warps=max(1, min(4, head_dim // 128)),
+            HALF=head_dim // 2, QK_NORM=qk_norm, HEAD_STEP=step,
+            num_warps=QKV_GROUP_WARPS if step > 1 and QKV_GROUP_WARPS else max(1, min(4, head_dim // 128)),
             **pdl_launch(qkv))
     return q
