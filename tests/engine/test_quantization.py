@@ -5,7 +5,6 @@ head quantized) against the float32 and bf16 engines and against its own dequant
 clear errors at engine start."""
 
 import gc
-import json
 import logging
 import weakref
 
@@ -260,29 +259,3 @@ def test_kernel_config_picks_the_one_token_kernel_and_splits_k_only_for_few_tile
             # Every share of K holds at least one tile.
             assert -(-k // cfg.block_k) >= cfg.split_k
 
-
-def test_bf16_matrix_table_keeps_only_the_shapes_and_sizes_that_won(tmp_path):
-    """GEMMA_BF16_MATRIX_TABLE's file (quant_bench --bf16-matrix): a shape moves to the matrix-unit
-    kernel only where its best tiles beat cuBLAS, and only for row counts near the one timed."""
-    tiles = dict(block_m=64, block_n=128, block_k=64, split_k=2, num_warps=8, num_stages=3, swap_ab=False)
-    rows = [dict(m=128, n=2560, k=2048, speedup_vs_cublas=1.20, best_config=tiles),
-            dict(m=256, n=2560, k=2048, speedup_vs_cublas=1.10, best_config={**tiles, "block_m": 128}),
-            dict(m=256, n=4096, k=2560, speedup_vs_cublas=0.95, best_config=tiles),  # lost: stays on cuBLAS
-            dict(m=128, n=2560, k=10240, speedup_vs_cublas=1.01, best_config=tiles)]  # within noise
-    path = tmp_path / "bf16-matrix.json"
-    path.write_text(json.dumps({"device": "H200", "bf16_matrix": rows}))
-    table = quant.load_bf16_matrix_table(path)
-    assert set(table) == {(2560, 2048)}
-    o = quant.KernelConfig(**tiles)
-    assert quant.bf16_matrix_config(128, 2560, 2048, table) == o
-    assert quant.bf16_matrix_config(65, 2560, 2048, table) == o
-    assert quant.bf16_matrix_config(64, 2560, 2048, table) is None  # half the size it was timed at
-    assert quant.bf16_matrix_config(200, 2560, 2048, table).block_m == 128
-    assert quant.bf16_matrix_config(257, 2560, 2048, table) is None
-    assert quant.bf16_matrix_config(256, 4096, 2560, table) is None
-    path.write_text(json.dumps({"stack": []}))
-    with pytest.raises(ValueError, match="--bf16-matrix"):
-        quant.load_bf16_matrix_table(path)
-    # Without a table (the default), or on the CPU, the 16-bit layers keep F.linear.
-    layer = quant.OneTokenLinear(2048, 2560, bias=False)
-    assert layer.matrix_config(torch.zeros(128, 2048)) is None

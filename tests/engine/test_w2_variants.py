@@ -3,15 +3,15 @@ knob is in force during its run only, and a run reports its steps."""
 
 import pytest
 from gemma_serve.bench.w2_variants import KNOBS, label, parse_variants, run_variant
-from gemma_serve.engine import attention, fused_kernels, model_runner
+from gemma_serve.engine import fused_kernels, model_runner
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.llm_engine import LLMEngine
 from gemma_serve.engine.sampling_params import SamplingParams
 
 
 def test_parse_variants():
-    assert parse_variants("base; qkv_heads=4;budget=4096,prefill_split=1") == [
-        {}, {"qkv_heads": "4"}, {"budget": "4096", "prefill_split": "1"}]
+    assert parse_variants("base; qkv_heads=4;budget=4096,qkv_warps=4") == [
+        {}, {"qkv_heads": "4"}, {"budget": "4096", "qkv_warps": "4"}]
     assert [label(v) for v in parse_variants("base;budget=8,overlap_eager=0")] == ["base", "budget=8,overlap_eager=0"]
     with pytest.raises(SystemExit, match="unknown knob"):
         parse_variants("qkv_head=4")
@@ -30,18 +30,18 @@ def test_each_knob_holds_during_its_run_only(checkpoints):
     assert engine.scheduler.max_num_batched_tokens == 32
     assert small["variant"] == "budget=8" and small["output_tok_s"] > 0 and small["decode_steps"] > 0
     with pytest.raises(ValueError, match="budget=64"):
-        run_variant(engine, {"prefill_split": "1", "budget": "64"}, prompts, params)  # above the engine's own
-    assert engine.scheduler.max_num_batched_tokens == 32 and not attention.PREFILL_SPLIT_MASK  # undone too
+        run_variant(engine, {"qkv_warps": "8", "budget": "64"}, prompts, params)  # above the engine's own
+    assert engine.scheduler.max_num_batched_tokens == 32 and fused_kernels.QKV_GROUP_WARPS == 0  # undone too
 
-    before = (fused_kernels.QKV_HEADS_PER_PROGRAM, model_runner.OVERLAP_EAGER, attention.PREFILL_SPLIT_MASK)
+    before = (fused_kernels.QKV_HEADS_PER_PROGRAM, model_runner.OVERLAP_EAGER, fused_kernels.QKV_GROUP_WARPS)
     seen = []
     original = engine.step
 
     def step():  # what the module switches are while the variant runs
-        seen.append((fused_kernels.QKV_HEADS_PER_PROGRAM, model_runner.OVERLAP_EAGER, attention.PREFILL_SPLIT_MASK))
+        seen.append((fused_kernels.QKV_HEADS_PER_PROGRAM, model_runner.OVERLAP_EAGER, fused_kernels.QKV_GROUP_WARPS))
         return original()
     engine.step = step
-    run_variant(engine, {"qkv_heads": "4", "overlap_eager": "0", "prefill_split": "1"}, prompts, params)
-    assert seen and set(seen) == {(4, False, True)}
-    assert (fused_kernels.QKV_HEADS_PER_PROGRAM, model_runner.OVERLAP_EAGER, attention.PREFILL_SPLIT_MASK) == before
-    assert set(KNOBS) == {"qkv_heads", "qkv_warps", "budget", "overlap_eager", "prefill_split", "bf16_matrix"}
+    run_variant(engine, {"qkv_heads": "2", "overlap_eager": "0", "qkv_warps": "8"}, prompts, params)
+    assert seen and set(seen) == {(2, False, 8)}
+    assert (fused_kernels.QKV_HEADS_PER_PROGRAM, model_runner.OVERLAP_EAGER, fused_kernels.QKV_GROUP_WARPS) == before
+    assert set(KNOBS) == {"qkv_heads", "qkv_warps", "budget", "overlap_eager"}

@@ -352,39 +352,6 @@ def test_matrix_kernel_on_float_weights_without_scales(m):
         quant.triton_weight_only_linear(x, w.to(torch.float16), None, configs[0])
 
 
-def test_bf16_layers_take_the_matrix_kernel_where_the_table_says(monkeypatch):
-    """GEMMA_BF16_MATRIX_TABLE: a 16-bit layer at a listed shape and row count runs the matrix-unit
-    kernel with the listed tiles (float32 outputs, K split, in a CUDA graph too); other row counts
-    keep cuBLAS."""
-    needs_gpu(torch.bfloat16)
-    n, k = 2560, 2048
-    cfg = quant.KernelConfig(64, 128, 64, 2, 4, 3, swap_ab=False)
-    monkeypatch.setattr(quant, "BF16_MATRIX_TABLE", {(n, k): [(256, cfg)]})
-    layer = quant.OneTokenLinear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-    nn.init.normal_(layer.weight, std=0.02, generator=torch.Generator(device="cuda").manual_seed(0))
-    layer.out_dtype = torch.float32
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    for rows in (129, 256):
-        x = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
-        out = layer(x)
-        assert out.dtype == torch.float32
-        assert torch.equal(out, quant.triton_weight_only_linear(x, layer.weight, None, cfg, out_dtype=torch.float32))
-        assert rel_err(out, x.double() @ layer.weight.double().T) < 1e-5
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            layer(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(graph):
-            replayed = layer(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(replayed, out)
-    x = torch.randn(100, k, device="cuda", generator=gen).bfloat16()
-    assert torch.equal(layer(x), quant.matmul(x, layer.weight, torch.float32))
-
-
 def test_half2_start_up_check_passes_here_and_falls_back_on_a_wrong_layout(monkeypatch):
     """`check_half2` (run by `quantize_model`) keeps half2 on this GPU and Triton, and switches the
     engine to float-add when half2 gives wrong sums: here the real kernel's output with its rows

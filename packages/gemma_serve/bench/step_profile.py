@@ -16,7 +16,6 @@ tokens a step) it measures:
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -323,9 +322,8 @@ def _kernel_tables(probe: StepProbe, kinds: list[str], out_dir: Path) -> dict[st
 
 
 def prefill_tile_sweep(engine: LLMEngine) -> list[dict]:
-    """paged_prefill on one layer's shapes (16 x 512 fresh prompts) for several tile sizes, each with
-    the key loop masked throughout and split (`split_mask`), against torch SDPA (flash, causal, GQA)
-    on the same rows laid out densely."""
+    """paged_prefill on one layer's shapes (16 x 512 fresh prompts) for several tile sizes, against
+    torch SDPA (flash, causal, GQA) on the same rows laid out densely."""
     cfg = engine.runner.model_config
     dev = engine.runner.device
     dtype = engine.runner.dtype
@@ -344,14 +342,12 @@ def prefill_tile_sweep(engine: LLMEngine) -> list[dict]:
     scale = cfg.query_pre_attn_scalar ** -0.5
     rows = []
     ref = attention.paged_prefill(q, k_cache, v_cache, meta, scale, None, None, torch.empty_like(q)).float()
-    for (bm, bn, warps, stages), split in itertools.product(
-            [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 3),
-             (32, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)], (False, True)):
+    for bm, bn, warps, stages in [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2),
+                                  (64, 64, 4, 3), (32, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 3)]:
         tiles = attention.KernelTiles(bm, bn, warps, stages)
-        name = f"{bm}x{bn} w{warps} s{stages}{' split' if split else ''}"
+        name = f"{bm}x{bn} w{warps} s{stages}"
         try:
-            ms = _gpu_ms(lambda: attention.paged_prefill(q, k_cache, v_cache, meta, scale, None, None, out, tiles,
-                                                         split_mask=split))
+            ms = _gpu_ms(lambda: attention.paged_prefill(q, k_cache, v_cache, meta, scale, None, None, out, tiles))
             err = float((out.float() - ref).abs().max())
             rows.append({"tiles": name, "ms": ms, "max_abs_diff": err})
         except Exception as exc:  # a tile that does not fit shared memory: report it, go on
@@ -455,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="folder for profile.json and kernels-*.txt")
     parser.add_argument("--skip-sweeps", action="store_true", help="leave out the attention tile sweeps")
     parser.add_argument("--prefill-sweep-only", action="store_true",
-                        help="only the prefill attention sweep (tiles x split key loop, against SDPA)")
+                        help="only the prefill attention sweep (tile sizes, against SDPA)")
     parser.add_argument("--decode", default="1:128:64,256:512:24",
                         help="decode steps to time, batch:prompt_len:steps,... (wall against GPU busy per step)")
     parser.add_argument("--host-split", default="",

@@ -509,9 +509,6 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 # The prefill kernel on CUDA (GEMMA_PREFILL_KERNEL=0 falls back to the PyTorch path, for comparison).
 PREFILL_KERNEL = os.environ.get("GEMMA_PREFILL_KERNEL", "1") == "1"
-# Its key loop split into runs without and with the causal/window mask (same results to the bit;
-# GEMMA_PREFILL_SPLIT_MASK=1). Off until timed on a GPU (gemma_serve.bench.w2_variants prefill_split=1).
-PREFILL_SPLIT_MASK = os.environ.get("GEMMA_PREFILL_SPLIT_MASK", "0") == "1"
 
 
 def prefill_tiles(head_dim: int, dtype: torch.dtype) -> KernelTiles:
@@ -554,45 +551,6 @@ def _prefill_work(meta: AttentionMetadata, block_m: int, device: torch.device
 
 if triton is not None:
 
-    @triton.jit
-    def _prefill_keys(acc, m_i, l_i, q, K, V, BT, seq, stride_bt, kvh, begin, end, hi, d, limit, pos, scale, softcap,
-                      window, MASKED: tl.constexpr, PAGE: tl.constexpr, KV_HEADS: tl.constexpr,
-                      HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                      HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
-        """The online softmax over key blocks begin, begin + BLOCK_N, ... < end (keys < hi exist).
-        MASKED=False: the caller knows every key of these blocks is allowed for every row of the tile
-        (causal, window, image limits), so the mask and the guard against a row without any allowed
-        key are left out; the arithmetic is otherwise the same, so the results are the same bits."""
-        for start in range(begin, end, BLOCK_N):
-            n, nmask, k, v = _paged_kv_block(K, V, BT, seq, stride_bt, kvh, start, hi, d, PAGE, KV_HEADS, HEAD_DIM,
-                                             BLOCK_N)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale
-            if HAS_SOFTCAP:
-                s = _tanh(s / softcap) * softcap
-            if MASKED:
-                allowed = (n[None, :] <= limit[:, None]) & nmask[None, :]
-                if HAS_WINDOW:
-                    allowed = allowed & (pos[:, None] - n[None, :] < window)
-                s = tl.where(allowed, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                # A row with no allowed key yet keeps m = -inf: subtract 0 instead (exp(-inf) = 0, no NaN).
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                m_safe = m_new  # finite: every key here is allowed
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        return acc, m_i, l_i
-
     @triton.jit(do_not_specialize=["stride_bt"])  # as the decode kernel's
     def _paged_prefill_kernel(Q, K, V, BT, QS, CTX, TILE_SEQ, TILE_ROW, LIMIT, O,
                               stride_qt, stride_qh, stride_bt, stride_ot, stride_oh,
@@ -600,7 +558,7 @@ if triton is not None:
                               KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                               PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                              IEEE: tl.constexpr, SPLIT_MASK: tl.constexpr = False, PDL: tl.constexpr = False):
+                              IEEE: tl.constexpr, PDL: tl.constexpr = False):
         pdl_wait(PDL)
         tile = tl.program_id(0)
         head = tl.program_id(1)
@@ -629,31 +587,30 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        if SPLIT_MASK:
-            # The same key blocks (lo, lo + BLOCK_N, ...) in the same order, in three runs: blocks
-            # [a, b) need no mask (every key at or before the tile's first row, and, with a window,
-            # within the window of its last row; image limits only widen a row's keys); the window's
-            # first blocks before a and the diagonal blocks from b keep it.
-            p_first = first_pos + row0 - q_begin
-            p_last = first_pos + tl.minimum(row0 + BLOCK_M, q_end) - 1 - q_begin
-            if HAS_WINDOW:
-                a = lo + tl.cdiv(tl.maximum(p_last - window + 1 - lo, 0), BLOCK_N) * BLOCK_N
+        for start in range(lo, hi, BLOCK_N):
+            n, nmask, k, v = _paged_kv_block(K, V, BT, seq, stride_bt, kvh, start, hi, d, PAGE, KV_HEADS, HEAD_DIM,
+                                             BLOCK_N)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
-                a = lo
-            b = a + tl.maximum(p_first + 1 - a, 0) // BLOCK_N * BLOCK_N
-            acc, m_i, l_i = _prefill_keys(acc, m_i, l_i, q, K, V, BT, seq, stride_bt, kvh, lo, tl.minimum(a, hi), hi,
-                                          d, limit, pos, scale, softcap, window, True, PAGE, KV_HEADS, HEAD_DIM,
-                                          BLOCK_N, HAS_WINDOW, HAS_SOFTCAP, IEEE)
-            acc, m_i, l_i = _prefill_keys(acc, m_i, l_i, q, K, V, BT, seq, stride_bt, kvh, a, b, hi, d, limit, pos,
-                                          scale, softcap, window, False, PAGE, KV_HEADS, HEAD_DIM, BLOCK_N,
-                                          HAS_WINDOW, HAS_SOFTCAP, IEEE)
-            acc, m_i, l_i = _prefill_keys(acc, m_i, l_i, q, K, V, BT, seq, stride_bt, kvh, b, hi, hi, d, limit, pos,
-                                          scale, softcap, window, True, PAGE, KV_HEADS, HEAD_DIM, BLOCK_N,
-                                          HAS_WINDOW, HAS_SOFTCAP, IEEE)
-        else:
-            acc, m_i, l_i = _prefill_keys(acc, m_i, l_i, q, K, V, BT, seq, stride_bt, kvh, lo, hi, hi, d, limit, pos,
-                                          scale, softcap, window, True, PAGE, KV_HEADS, HEAD_DIM, BLOCK_N,
-                                          HAS_WINDOW, HAS_SOFTCAP, IEEE)
+                s = tl.dot(q, tl.trans(k)) * scale
+            if HAS_SOFTCAP:
+                s = _tanh(s / softcap) * softcap
+            allowed = (n[None, :] <= limit[:, None]) & nmask[None, :]
+            if HAS_WINDOW:
+                allowed = allowed & (pos[:, None] - n[None, :] < window)
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            # A row with no allowed key yet keeps m = -inf: subtract 0 instead (exp(-inf) = 0, no NaN).
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(O + rows[:, None].to(tl.int64) * stride_ot + head * stride_oh + d[None, :],
                  out.to(O.dtype.element_ty), mask=rmask[:, None])
@@ -661,11 +618,10 @@ if triton is not None:
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                   scale: float, window: int | None, softcap: float | None, out: torch.Tensor,
-                  tiles: KernelTiles | None = None, split_mask: bool | None = None) -> torch.Tensor:
+                  tiles: KernelTiles | None = None) -> torch.Tensor:
     """Attention of every prefill row of the step (sequences num_decodes.. of `meta`), read from the
     paged cache in place, into `out` ([T, heads, D], the decode rows untouched). The new rows' K/V
-    must already be in the cache. `tiles` overrides the tile sizes (benchmarks); `split_mask` the
-    key loop's split (default PREFILL_SPLIT_MASK; the results do not depend on it)."""
+    must already be in the cache. `tiles` overrides the tile sizes (benchmarks)."""
     _, heads, head_dim = q.shape
     _, page, kv_heads, _ = k_cache.shape
     if (head_dim & (head_dim - 1) or head_dim < 16 or q.stride(-1) != 1 or out.stride(-1) != 1
@@ -686,6 +642,5 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         KV_HEADS=kv_heads, GROUP=heads // kv_heads, HEAD_DIM=head_dim, PAGE=page, BLOCK_M=tiles.block_m,
         BLOCK_N=tiles.block_n, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
         HAS_LIMIT=limits is not None, IEEE=k_cache.dtype == torch.float32,
-        SPLIT_MASK=PREFILL_SPLIT_MASK if split_mask is None else split_mask,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_launch(q))
     return out

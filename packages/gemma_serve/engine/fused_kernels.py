@@ -43,8 +43,10 @@ if triton is not None:
 
 
 # qkv_to_cache: heads of one token per program on steps of at least QKV_GROUP_MIN_TOKENS tokens
-# (prompt steps). 1 (the default until measured on a GPU) keeps one head per program everywhere.
-QKV_HEADS_PER_PROGRAM = int(os.environ.get("GEMMA_QKV_HEADS_PER_PROGRAM", "1"))
+# (prompt steps). 4 (Gemma 3 4B: its 8 q heads in two programs, its 4 k and 4 v heads in one each):
+# W2 on an H200 15,080-15,098 against 14,958 tok/s with one head per program, its 68 prompt steps
+# 6.52-6.58 s against 6.72-6.80 (docs/benchmarks.md, tenth run). 1: one head per program everywhere.
+QKV_HEADS_PER_PROGRAM = int(os.environ.get("GEMMA_QKV_HEADS_PER_PROGRAM", "4"))
 QKV_GROUP_MIN_TOKENS = 512
 # Warps of a program that takes several heads (0: as for one head, head_dim / 128 up to 4).
 QKV_GROUP_WARPS = int(os.environ.get("GEMMA_QKV_GROUP_WARPS", "0"))

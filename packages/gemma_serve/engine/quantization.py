@@ -35,11 +35,9 @@ is offered for parity with checkpoints and engines that use it.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -290,18 +288,7 @@ class OneTokenLinear(nn.Linear):
         plan = self.one_token_plan(x, BF16_FEW_TOKEN_ROWS)
         if plan is not None:
             return triton_weight_only_linear(x, plan.weight, None, plan.config, out_dtype=out_dtype)
-        config = self.matrix_config(x)
-        if config is not None:
-            return triton_weight_only_linear(x, self.weight, None, config, out_dtype=out_dtype)
         return matmul(x, self.weight, out_dtype)
-
-    def matrix_config(self, x: torch.Tensor) -> KernelConfig | None:
-        """The matrix-unit kernel's tiles for x when BF16_MATRIX_TABLE has this shape at x's row
-        count (CUDA, x of the weight's 16-bit dtype), else None (cuBLAS)."""
-        if not (BF16_MATRIX_TABLE and triton is not None and x.is_cuda and x.dtype == self.weight.dtype
-                and x.dtype in (torch.bfloat16, torch.float16)):
-            return None
-        return bf16_matrix_config(x.numel() // x.shape[-1], *self.weight.shape)
 
     def one_token_plan(self, x: torch.Tensor, max_rows: int = 1) -> OneTokenPlan | None:
         """The one-token kernel's arguments for x of 1 .. max_rows tokens, or None."""
@@ -341,32 +328,6 @@ def one_token_config(n: int, k: int) -> KernelConfig:
     if k % 1024 == 0:
         return KernelConfig(1, 4, 1024, 1, 4, 2)
     return KernelConfig(1, 4, min(512, _pow2_at_least(k, 16)), 1, 4, 3)
-
-
-def load_bf16_matrix_table(path: str | Path, min_speedup: float = 1.03) -> dict[tuple[int, int], list[tuple[int, KernelConfig]]]:
-    """(N, K) -> [(rows, tiles), ...] by rows, from the JSON of `quant_bench --bf16-matrix`: the
-    shapes and row counts where the matrix-unit kernel's best tiles beat cuBLAS by `min_speedup`."""
-    data = json.loads(Path(path).read_text())
-    if "bf16_matrix" not in data:
-        raise ValueError(f"{path} has no 'bf16_matrix' rows: write it with quant_bench --bf16-matrix")
-    table: dict[tuple[int, int], list[tuple[int, KernelConfig]]] = {}
-    for row in data["bf16_matrix"]:
-        if row["speedup_vs_cublas"] >= min_speedup:
-            table.setdefault((row["n"], row["k"]), []).append((row["m"], KernelConfig(**row["best_config"])))
-    for entries in table.values():
-        entries.sort(key=lambda e: e[0])
-    return table
-
-
-def bf16_matrix_config(rows: int, n: int, k: int,
-                       table: dict[tuple[int, int], list[tuple[int, KernelConfig]]] | None = None) -> KernelConfig | None:
-    """The tiles timed at the smallest row count m >= rows that won for (n, k), if rows > m / 2 (a
-    measurement is trusted only near its own size: CUDA graphs pad a batch to its ladder rung, so a
-    table timed at 128 and 256 rows covers 65-256); else None."""
-    for m, config in (BF16_MATRIX_TABLE if table is None else table).get((n, k), ()):
-        if rows <= m:
-            return config if rows > m // 2 else None
-    return None
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -524,13 +485,6 @@ class KernelConfig:
     # Matrix-unit kernel only: weight tile as the left operand ([N, K] @ [K, M]), so a few tokens
     # still fill the unit's rows; False multiplies [M, K] @ [K, N] as a plain matmul does.
     swap_ab: bool = True
-
-
-# 16-bit weights at decode batch sizes (more rows than the one-token kernel takes) on the
-# matrix-unit kernel instead of cuBLAS, for the shapes and row counts where it measured faster:
-# GEMMA_BF16_MATRIX_TABLE names a `quant_bench --bf16-matrix` JSON. Empty (cuBLAS) by default.
-BF16_MATRIX_TABLE: dict[tuple[int, int], list[tuple[int, KernelConfig]]] = (
-    load_bf16_matrix_table(os.environ["GEMMA_BF16_MATRIX_TABLE"]) if os.environ.get("GEMMA_BF16_MATRIX_TABLE") else {})
 
 
 def _pow2_at_least(n: int, low: int) -> int:
@@ -971,7 +925,8 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
     """The Triton path of `weight_only_linear` (x bf16/fp16, qweight int8 or fp8 e4m3 [N, K] with
     contiguous rows, scale float32 [N]). Static shapes for a given x: CUDA-graph capturable.
     scale None: qweight is a float matrix of x's dtype, multiplied as it is (16-bit on the one-token
-    kernel; any on the matrix-unit kernel, which `quant_bench --bf16-matrix` times against cuBLAS).
+    kernel; any on the matrix-unit kernel, which only `quant_bench --bf16-matrix` uses: on an H200 it
+    is 0.60-0.85x cuBLAS at 128-256 rows).
     out_dtype: the output's (default x's; float32 keeps the accumulators unrounded).
     gelu_mul (one token): qweight is a gate_up matrix [2 * inter, K]; returns gelu_tanh(gate) * up
     [..., inter] (rounded once to out_dtype), as `fused_kernels.gelu_mul` of the product.
