@@ -44,4 +44,10 @@ def test_each_knob_holds_during_its_run_only(checkpoints):
     run_variant(engine, {"qkv_heads": "2", "overlap_eager": "0", "qkv_warps": "8"}, prompts, params)
     assert seen and set(seen) == {(2, False, 8)}
     assert (fused_kernels.QKV_HEADS_PER_PROGRAM, model_runner.OVERLAP_EAGER, fused_kernels.QKV_GROUP_WARPS) == before
-    assert set(KNOBS) == {"qkv_heads", "qkv_warps", "budget", "overlap_eager"}
+    assert set(KNOBS) == {"qkv_heads", "qkv_warps", "budget", "overlap_eager", "gate_up_gelu", "gate_up_tiles"}
+    from gemma_serve.engine import gate_up_gelu
+
+    undo = KNOBS["gate_up_tiles"](engine, "64x128x32x4x4")
+    assert gate_up_gelu.DEFAULT_TILES == gate_up_gelu.GateUpTiles(64, 128, 32, 4, 4)
+    undo()
+    assert gate_up_gelu.DEFAULT_TILES == gate_up_gelu.GateUpTiles(128, 128, 64, 8, 3)

@@ -17,6 +17,9 @@ A variant is `base` (the engine as configured) or comma-separated knob=value pai
   qkv_warps=N      warps of such a program when it takes several heads (fused_kernels.QKV_GROUP_WARPS)
   budget=N         tokens per step (the scheduler's max_num_batched_tokens, at most the engine's 8192)
   overlap_eager=0|1  eager (prefill, mixed) steps overlapped (model_runner.OVERLAP_EAGER)
+  gate_up_gelu=N   steps of N+ rows run gate_up with GELU x up in its epilogue (gate_up_gelu.MIN_ROWS;
+                   0: never)
+  gate_up_tiles=BMxBNxBKxWxS  that kernel's tiles (gate_up_gelu.DEFAULT_TILES), e.g. 128x128x64x8x3
 
     PYTHONPATH=packages python3 -m gemma_serve.bench.w2_variants --variants "base;qkv_heads=4;budget=4096" \\
         --repeats 2 --out w2-variants.json
@@ -36,7 +39,7 @@ import torch
 
 from gemma_serve.bench.engine_bench import _prompts, measure_ceilings, run_requests, step_counts, workload_bound
 from gemma_serve.bench.gpu_monitor import ClockSampler
-from gemma_serve.engine import fused_kernels, model_runner
+from gemma_serve.engine import fused_kernels, gate_up_gelu, model_runner
 from gemma_serve.engine.compile_log import CompileLog
 from gemma_serve.engine.config import EngineConfig
 from gemma_serve.engine.gc_freeze import freeze_long_lived
@@ -61,11 +64,19 @@ def _budget(engine: LLMEngine, value: str) -> Callable[[], None]:
     return lambda: setattr(scheduler, "max_num_batched_tokens", old)
 
 
+def _gate_up_tiles(value: str):
+    """'128x128x64x8x3': block_m x block_n x block_k x warps x stages of the gate_up + GELU kernel."""
+    bm, bn, bk, warps, stages = (int(v) for v in value.split("x"))
+    return gate_up_gelu.GateUpTiles(bm, bn, bk, warps, stages)
+
+
 KNOBS = {
     "qkv_heads": _module_knob(fused_kernels, "QKV_HEADS_PER_PROGRAM", int),
     "qkv_warps": _module_knob(fused_kernels, "QKV_GROUP_WARPS", int),
     "budget": _budget,
     "overlap_eager": _module_knob(model_runner, "OVERLAP_EAGER", lambda v: v == "1"),
+    "gate_up_gelu": _module_knob(gate_up_gelu, "MIN_ROWS", int),
+    "gate_up_tiles": _module_knob(gate_up_gelu, "DEFAULT_TILES", _gate_up_tiles),
 }
 
 
