@@ -1,21 +1,13 @@
 #!/usr/bin/env bash
-# The next session's GPU calls (written at the end of the tenth run, whose device time ran out).
-# Each writes under $OUT (default bench-out/).
+# The next session's GPU calls (written at the end of the eleventh run). Each writes under $OUT
+# (default bench-out/).
 #
-#   OUT=/some/dir bash bench/gpu_next.sh 1          (~6 minutes on an H200)
-#     1. the whole GPU suite, with room to finish (the tenth run ran every file on its final code,
-#        in two calls; new since: tests/gpu/test_gate_up_gelu.py on the GPU for the first time);
-#     2. gate_up with GELU x up in its epilogue (`engine/gate_up_gelu.py`, written without a GPU)
-#        against cuBLAS + the GELU kernel at 2,048 and 8,192 rows, per tile shape. The GELU kernel
-#        costs 131 us a layer in a W2 mixed step; the fused kernel wins if its matmul stays within
-#        that of cuBLAS's.
-#
-#   OUT=/some/dir bash bench/gpu_next.sh 2 TILES    (~3 minutes; TILES from 2, e.g. 128x128x64x8x3)
-#     3. W2 with and without it (from 512 rows), interleaved on one engine, new prompts each run.
-#
-# If it wins: default GEMMA_GATE_UP_GELU_MIN_ROWS to 512 and DEFAULT_TILES to the winner, then
-#   PYTHONPATH=packages python3 -m gemma_serve.bench.engine_bench --workloads W1,W2,W3 \
-#       --quantization none,int8 --out engine.json
+#   OUT=/some/dir bash bench/gpu_next.sh 1     (~6 minutes on an H200)
+#     1. the whole GPU suite (the eleventh run ran test_decode_kernel, test_cuda_graphs and
+#        test_warm_up on its final code, with 512-key decode nodes; the rest ran on the code before);
+#     2. the decode attention's tiles at 512-key nodes (`step_profile --decode-sweep-only`);
+#     3. W1, W2 and W3, bf16 and INT8, in one engine_bench run (W3 was not run again in the
+#        eleventh run).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -26,18 +18,15 @@ case "${1:-1}" in
 1)
     timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu > "$OUT/gpu-tests.log" 2>&1
     tail -3 "$OUT/gpu-tests.log"
-    timeout 200 python3 -m gemma_serve.bench.quant_bench --gate-up-gelu 2048,8192 --out "$OUT/gate-up-gelu.json" \
-        > "$OUT/gate-up-gelu.log" 2>&1
-    grep -A4 "gate_up+GELU" "$OUT/gate-up-gelu.log"
-    ;;
-2)
-    tiles=${2:?usage: bash bench/gpu_next.sh 2 BMxBNxBKxWxS}
-    timeout 240 python3 -m gemma_serve.bench.w2_variants --repeats 2 --out "$OUT/w2-gate-up-gelu.json" \
-        --variants "base;gate_up_gelu=512,gate_up_tiles=$tiles" > "$OUT/w2-gate-up-gelu.log" 2>&1
-    grep -v -i warn "$OUT/w2-gate-up-gelu.log" | tail -8
+    timeout 120 python3 -m gemma_serve.bench.step_profile --decode-sweep-only --out "$OUT/decode-sweep" \
+        > "$OUT/decode-sweep.log" 2>&1
+    grep "decode attention" "$OUT/decode-sweep.log"
+    timeout 400 python3 -m gemma_serve.bench.engine_bench --workloads W1,W2,W3 --quantization none,int8 \
+        --out "$OUT/engine.json" > "$OUT/engine.log" 2>&1
+    grep -v -i warn "$OUT/engine.log" | tail -16
     ;;
 *)
-    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 TILES" >&2
+    echo "usage: OUT=dir bash bench/gpu_next.sh 1" >&2
     exit 2
     ;;
 esac

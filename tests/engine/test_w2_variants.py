@@ -33,21 +33,24 @@ def test_each_knob_holds_during_its_run_only(checkpoints):
         run_variant(engine, {"qkv_warps": "8", "budget": "64"}, prompts, params)  # above the engine's own
     assert engine.scheduler.max_num_batched_tokens == 32 and fused_kernels.QKV_GROUP_WARPS == 0  # undone too
 
-    before = (fused_kernels.QKV_HEADS_PER_PROGRAM, model_runner.OVERLAP_EAGER, fused_kernels.QKV_GROUP_WARPS)
+    def switches():
+        return fused_kernels.QKV_HEADS_PER_PROGRAM, model_runner.OVERLAP_EAGER, fused_kernels.QKV_GROUP_WARPS
+
+    before = switches()
     seen = []
     original = engine.step
 
     def step():  # what the module switches are while the variant runs
-        seen.append((fused_kernels.QKV_HEADS_PER_PROGRAM, model_runner.OVERLAP_EAGER, fused_kernels.QKV_GROUP_WARPS))
+        seen.append(switches())
         return original()
     engine.step = step
     run_variant(engine, {"qkv_heads": "2", "overlap_eager": "0", "qkv_warps": "8"}, prompts, params)
     assert seen and set(seen) == {(2, False, 8)}
-    assert (fused_kernels.QKV_HEADS_PER_PROGRAM, model_runner.OVERLAP_EAGER, fused_kernels.QKV_GROUP_WARPS) == before
-    assert set(KNOBS) == {"qkv_heads", "qkv_warps", "budget", "overlap_eager", "gate_up_gelu", "gate_up_tiles"}
-    from gemma_serve.engine import gate_up_gelu
+    assert switches() == before
+    assert set(KNOBS) == {"qkv_heads", "qkv_warps", "budget", "overlap_eager", "node_len"}
+    from gemma_serve.engine import attention
 
-    undo = KNOBS["gate_up_tiles"](engine, "64x128x32x4x4")
-    assert gate_up_gelu.DEFAULT_TILES == gate_up_gelu.GateUpTiles(64, 128, 32, 4, 4)
+    undo = KNOBS["node_len"](None, "1024")  # a start-up knob: set before an engine is built
+    assert attention.MIN_DECODE_NODE_LEN == 1024 and attention.decode_node_len(1024) == 1024
     undo()
-    assert gate_up_gelu.DEFAULT_TILES == gate_up_gelu.GateUpTiles(128, 128, 64, 8, 3)
+    assert attention.MIN_DECODE_NODE_LEN == 512

@@ -45,7 +45,7 @@ def test_paged_decode_kernel_matches_pytorch_path(dtype, tensor_cores, heads, kv
     ref = attention._decode(q.float(), k_cache.float(), v_cache.float(), tables, lens, max(ctx), scale, window,
                             softcap)
     outs = {}
-    for node_len in (64, 256):
+    for node_len in (64, 256, 512):
         for max_len in (max(ctx), LONG):
             for leaf_mode in (False, True):
                 out = torch.full_like(q, float("nan"))
@@ -56,7 +56,7 @@ def test_paged_decode_kernel_matches_pytorch_path(dtype, tensor_cores, heads, kv
                 outs[node_len, max_len, leaf_mode] = out
     # Neither the grid (sized by the longest context allowed) nor one program per leaf or per node
     # changes any result: the node length alone fixes how the sums are formed.
-    for node_len in (64, 256):
+    for node_len in (64, 256, 512):
         first = outs[node_len, max(ctx), False]
         for key, out in outs.items():
             if key[0] == node_len:

@@ -299,68 +299,6 @@ def bf16_matrix_sweep(ms: list[int], copy_gbps: float, layers: int) -> list[dict
     return rows
 
 
-GATE_UP_TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
-                 (128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (256, 64, 64, 8, 3), (64, 64, 64, 4, 4),
-                 (128, 64, 128, 8, 3)]
-
-
-def gate_up_gelu_sweep(ms: list[int], layers: int) -> list[dict]:
-    """gate_up + GELU x up at prompt-step sizes (thousands of rows), per layer of a stack of
-    `layers` own weights: cuBLAS's bf16 product then `fused_kernels.gelu_mul` (the engine's path
-    above 256 rows) against the `gate_up_gelu` kernel per tile shape, whose GELU is in the epilogue.
-    The fused kernel pays if its matmul stays within the GELU kernel's time of cuBLAS's (131 us a
-    layer at ~8,000 rows on an H200)."""
-    from gemma_serve.engine import gate_up_gelu as gug
-    from gemma_serve.engine.fused_kernels import gelu_mul
-
-    n, k = SHAPES["gate_up"]
-    rows = []
-    stack = [w["gate_up"] for w in make_weights("bf16", {"gate_up": (n, k)}, layers)]
-    for m in ms:
-        x = torch.randn(m, k, device="cuda").bfloat16()
-
-        def cublas_only() -> None:
-            for w in stack:
-                F.linear(x, w)
-
-        def unfused() -> None:
-            for w in stack:
-                gelu_mul(F.linear(x, w), torch.bfloat16)
-
-        def fused(tiles):
-            def run() -> None:
-                for w in stack:
-                    gug.gate_up_gelu(x, w, torch.bfloat16, tiles)
-            return run
-
-        row = dict(m=m, n=n, k=k, tflop=2 * m * n * k / 1e12, cublas_us=graph_ms(cublas_only) * 1e3 / layers,
-                   unfused_us=graph_ms(unfused) * 1e3 / layers, tiles={})
-        configs = {}
-        for bm, bn, bk, warps, stages in GATE_UP_TILES:
-            tiles = gug.GateUpTiles(bm, bn, bk, warps, stages)
-            configs[str(tiles)] = tiles
-            try:
-                row["tiles"][str(tiles)] = graph_ms(fused(tiles)) * 1e3 / layers
-            except Exception as exc:  # out of shared memory or registers: report, go on
-                row["tiles"][str(tiles)] = float("inf")
-                print(f"  {tiles}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-        best = min(row["tiles"], key=row["tiles"].get)
-        w = stack[0]
-        ref = gelu_mul(x.float() @ w.float().T, torch.float32)
-        got = gug.gate_up_gelu(x, w, torch.float32, configs[best])
-        row.update(best=best, best_us=row["tiles"][best], speedup=row["unfused_us"] / row["tiles"][best],
-                   rel_err=float((got - ref).norm() / ref.norm()))
-        rows.append(row)
-        print(f"gate_up+GELU m={m:5d}: cuBLAS {row['cublas_us']:6.1f} us + GELU kernel = {row['unfused_us']:6.1f} us; "
-              f"fused best {row['best_us']:6.1f} us ({row['speedup']:.2f}x) {best}  rel err {row['rel_err']:.1e}",
-              flush=True)
-        for name, us in sorted(row["tiles"].items(), key=lambda kv: kv[1])[:4]:
-            print(f"    {us:7.1f} us  {name}", flush=True)
-    stack.clear()
-    torch.cuda.empty_cache()
-    return rows
-
-
 INT8_WIDENINGS = quant.INT8_GEMV_WIDENINGS
 
 
@@ -500,8 +438,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16-matrix", default="",
                         help="rows, e.g. 64,128,256: bf16 weights on the Triton matrix-unit kernel against cuBLAS, "
                              "float32 outputs, per projection and tile shape")
-    parser.add_argument("--gate-up-gelu", default="",
-                        help="rows, e.g. 2048,8192: gate_up with GELU x up in its epilogue against cuBLAS + the GELU kernel")
     parser.add_argument("--layers", type=int, default=LAYERS)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -516,9 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                     "layers": args.layers, "stack": []}
     print(f"device {report['device']}: copy {copy:.0f} GB/s (read+write); {args.layers} layers x "
           f"{', '.join(f'{k} {n}x{kk}' for k, (n, kk) in SHAPES.items())}", flush=True)
-    if args.bf16_gemv or args.int8_gemv or args.gemv_variants or args.bf16_matrix or args.gate_up_gelu:
-        if args.gate_up_gelu:
-            report["gate_up_gelu"] = gate_up_gelu_sweep([int(b) for b in args.gate_up_gelu.split(",")], args.layers)
+    if args.bf16_gemv or args.int8_gemv or args.gemv_variants or args.bf16_matrix:
         if args.bf16_matrix:
             report["bf16_matrix"] = bf16_matrix_sweep([int(b) for b in args.bf16_matrix.split(",")], copy,
                                                       args.layers)

@@ -385,15 +385,22 @@ def _graph_us(fn, launches: int) -> float:
     return _gpu_ms(graph.replay, 10) * 1e3 / launches
 
 
-def decode_tile_sweep(engine: LLMEngine, copy_gbps: float) -> list[dict]:
-    """paged_decode on one layer's shapes (batch 256 at 512 keys, batch 1 at 384 and 160) for several
-    node lengths and tiles, one program per node or per leaf (`leaf`), timed in CUDA graphs of 34
-    launches: GB/s of K/V against the copy rate."""
+DECODE_SWEEP = [(256, 32, 4, 3, "node"), (256, 32, 4, 3, "leaf"), (256, 64, 4, 2, "node"), (256, 64, 4, 2, "leaf"),
+                (256, 16, 4, 3, "leaf"), (256, 32, 8, 3, "node"), (128, 32, 4, 3, "node"), (512, 32, 4, 3, "node"),
+                (512, 32, 4, 3, "leaf"), (512, 64, 4, 2, "node"), (1024, 32, 4, 3, "node")]
+
+
+def decode_tile_sweep(engine: LLMEngine, copy_gbps: float,
+                      shapes: tuple[tuple[int, int], ...] = ((256, 512), (1, 384), (1, 160))) -> list[dict]:
+    """paged_decode on one layer's shapes (batch, keys) for several node lengths and tiles, one
+    program per node or per leaf (the modes of `attention.paged_decode`), timed in CUDA
+    graphs of 34 launches (the combine kernel included where the mode has one): GB/s of K/V against
+    the copy rate."""
     cfg = engine.runner.model_config
     dev, dtype, page = engine.runner.device, engine.runner.dtype, engine.runner.block_size
     layers = cfg.num_layers
     rows = []
-    for batch, ctx in ((256, 512), (1, 384), (1, 160)):
+    for batch, ctx in shapes:
         blocks = -(-ctx // page)
         k_cache, v_cache = (torch.randn(batch * blocks + 1, page, cfg.num_kv_heads, cfg.head_dim, device=dev,
                                         dtype=dtype) for _ in range(2))
@@ -402,20 +409,26 @@ def decode_tile_sweep(engine: LLMEngine, copy_gbps: float) -> list[dict]:
         q = torch.randn(batch, cfg.num_heads, cfg.head_dim, device=dev, dtype=dtype)
         out = torch.empty_like(q)
         kv_bytes = 2 * batch * ctx * cfg.num_kv_heads * cfg.head_dim * k_cache.element_size()
-        for node, bn, warps, stages, leaf in [(256, 32, 4, 3, False), (256, 32, 4, 3, True), (256, 64, 4, 2, False),
-                                              (256, 64, 4, 2, True), (256, 16, 4, 3, True), (256, 32, 8, 3, False),
-                                              (128, 32, 4, 3, False), (512, 32, 4, 3, False)]:
+        for node, bn, warps, stages, mode in DECODE_SWEEP:
             tiles = attention.KernelTiles(0, bn, warps, stages)
-            name = f"node {node} n{bn} w{warps} s{stages}{' leaf' if leaf else ''}"
+            name = f"node {node} n{bn} w{warps} s{stages} {mode}"
             try:
                 us = _graph_us(lambda: attention.paged_decode(q, k_cache, v_cache, tables, lens, 1024, 0.0625, None,
-                                                              None, node, out, tiles=tiles, leaf_mode=leaf), layers)
+                                                              None, node, out, tiles=tiles, leaf_mode=mode == "leaf"),
+                               layers)
                 gbps = kv_bytes / (us / 1e6) / 1e9
                 rows.append({"batch": batch, "context": ctx, "config": name, "us": us, "gbps": gbps,
                              "pct_copy": 100 * gbps / copy_gbps})
             except Exception as exc:
                 rows.append({"batch": batch, "context": ctx, "config": name, "error": f"{type(exc).__name__}: {exc}"[:200]})
     return rows
+
+
+def _print_decode_sweep(rows: list[dict]) -> None:
+    for r in rows:
+        print(f"decode attention batch {r['batch']:3d} ctx {r['context']} {r['config']:28s} " +
+              (f"{r['us']:8.1f} us {r['gbps']:6.0f} GB/s {r['pct_copy']:5.1f}% of copy" if "us" in r else r["error"]),
+              flush=True)
 
 
 def host_profile(probe: StepProbe, out_dir: Path, batch: int = 256, steps: int = 24) -> None:
@@ -452,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-sweeps", action="store_true", help="leave out the attention tile sweeps")
     parser.add_argument("--prefill-sweep-only", action="store_true",
                         help="only the prefill attention sweep (tile sizes, against SDPA)")
+    parser.add_argument("--decode-sweep-only", action="store_true",
+                        help="only the decode attention sweep (modes and tiles at W2's batches, and batch 1)")
     parser.add_argument("--decode", default="1:128:64,256:512:24",
                         help="decode steps to time, batch:prompt_len:steps,... (wall against GPU busy per step)")
     parser.add_argument("--host-split", default="",
@@ -470,6 +485,13 @@ def main(argv: list[str] | None = None) -> int:
                                     max_queue_len=1 << 20, quantization=args.quantization))
     probe = StepProbe(engine, 255_000)
     report: dict = {"device": torch.cuda.get_device_name(), "quantization": args.quantization}
+    if args.decode_sweep_only:
+        report["copy_gbps"] = copy_rate_gbps()
+        report["decode_tiles"] = decode_tile_sweep(engine, report["copy_gbps"],
+                                                   ((256, 512), (256, 768), (128, 640), (64, 640), (1, 384)))
+        _print_decode_sweep(report["decode_tiles"])
+        (args.out / "profile.json").write_text(json.dumps(report, indent=2))
+        return 0
     if args.prefill_sweep_only:
         report["prefill_tiles"] = prefill_tile_sweep(engine)
         _print_prefill_sweep(report["prefill_tiles"])
@@ -504,10 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     _print_prefill_sweep(report["prefill_tiles"])
     report["copy_gbps"] = copy_rate_gbps()
     report["decode_tiles"] = [] if args.skip_sweeps else decode_tile_sweep(engine, report["copy_gbps"])
-    for r in report["decode_tiles"]:
-        print(f"decode attention batch {r['batch']:3d} ctx {r['context']} {r['config']:28s} " +
-              (f"{r['us']:8.1f} us {r['gbps']:6.0f} GB/s {r['pct_copy']:5.1f}% of copy" if "us" in r else r["error"]),
-              flush=True)
+    _print_decode_sweep(report["decode_tiles"])
     host_profile(probe, args.out)
     report["kernels"] = _kernel_tables(probe, ["prefill", "decode1", "decode256"], args.out)
     (args.out / "profile.json").write_text(json.dumps(report, indent=2))

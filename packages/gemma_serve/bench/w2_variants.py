@@ -17,9 +17,11 @@ A variant is `base` (the engine as configured) or comma-separated knob=value pai
   qkv_warps=N      warps of such a program when it takes several heads (fused_kernels.QKV_GROUP_WARPS)
   budget=N         tokens per step (the scheduler's max_num_batched_tokens, at most the engine's 8192)
   overlap_eager=0|1  eager (prefill, mixed) steps overlapped (model_runner.OVERLAP_EAGER)
-  gate_up_gelu=N   steps of N+ rows run gate_up with GELU x up in its epilogue (gate_up_gelu.MIN_ROWS;
-                   0: never)
-  gate_up_tiles=BMxBNxBKxWxS  that kernel's tiles (gate_up_gelu.DEFAULT_TILES), e.g. 128x128x64x8x3
+  node_len=N       keys per node of the decode attention (attention.MIN_DECODE_NODE_LEN); the CUDA
+                   graphs bake it in, so it needs --fresh-engines
+
+--fresh-engines builds one engine per run (the variant's knobs set first, a short warm-up run, then
+the timed one), A B A B ..., for settings an engine fixes when it starts.
 
     PYTHONPATH=packages python3 -m gemma_serve.bench.w2_variants --variants "base;qkv_heads=4;budget=4096" \\
         --repeats 2 --out w2-variants.json
@@ -28,6 +30,7 @@ A variant is `base` (the engine as configured) or comma-separated knob=value pai
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -39,10 +42,10 @@ import torch
 
 from gemma_serve.bench.engine_bench import _prompts, measure_ceilings, run_requests, step_counts, workload_bound
 from gemma_serve.bench.gpu_monitor import ClockSampler
-from gemma_serve.engine import fused_kernels, gate_up_gelu, model_runner
+from gemma_serve.engine import attention, fused_kernels, model_runner
 from gemma_serve.engine.compile_log import CompileLog
 from gemma_serve.engine.config import EngineConfig
-from gemma_serve.engine.gc_freeze import freeze_long_lived
+from gemma_serve.engine.gc_freeze import freeze_long_lived, unfreeze
 from gemma_serve.engine.llm_engine import LLMEngine
 from gemma_serve.engine.sampling_params import SamplingParams
 
@@ -64,20 +67,15 @@ def _budget(engine: LLMEngine, value: str) -> Callable[[], None]:
     return lambda: setattr(scheduler, "max_num_batched_tokens", old)
 
 
-def _gate_up_tiles(value: str):
-    """'128x128x64x8x3': block_m x block_n x block_k x warps x stages of the gate_up + GELU kernel."""
-    bm, bn, bk, warps, stages = (int(v) for v in value.split("x"))
-    return gate_up_gelu.GateUpTiles(bm, bn, bk, warps, stages)
-
-
 KNOBS = {
     "qkv_heads": _module_knob(fused_kernels, "QKV_HEADS_PER_PROGRAM", int),
     "qkv_warps": _module_knob(fused_kernels, "QKV_GROUP_WARPS", int),
     "budget": _budget,
     "overlap_eager": _module_knob(model_runner, "OVERLAP_EAGER", lambda v: v == "1"),
-    "gate_up_gelu": _module_knob(gate_up_gelu, "MIN_ROWS", int),
-    "gate_up_tiles": _module_knob(gate_up_gelu, "DEFAULT_TILES", _gate_up_tiles),
+    "node_len": _module_knob(attention, "MIN_DECODE_NODE_LEN", int),
 }
+# Knobs read when an engine starts (its CUDA graphs bake them in).
+START_KNOBS = {"node_len"}
 
 
 def parse_variants(spec: str) -> list[dict[str, str]]:
@@ -130,28 +128,51 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each variant (round-robin)")
     parser.add_argument("--requests", type=int, default=1024)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--fresh-engines", action="store_true",
+                        help="one engine per run, started under the variant's knobs (for node_len)")
     args = parser.parse_args()
     variants = parse_variants(args.variants)
+    if not args.fresh_engines and any(START_KNOBS & set(v) for v in variants):
+        raise SystemExit(f"knobs {sorted(START_KNOBS)} are fixed when an engine starts: add --fresh-engines")
     ceil = measure_ceilings(sustained_s=0)
-    engine = LLMEngine(EngineConfig(model=args.model, load_format="random", device="cuda", dtype="bfloat16",
-                                    max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=1024,
-                                    max_queue_len=1 << 20))
-    freeze_long_lived()
+
+    def start() -> LLMEngine:
+        engine = LLMEngine(EngineConfig(model=args.model, load_format="random", device="cuda", dtype="bfloat16",
+                                        max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=1024,
+                                        max_queue_len=1 << 20))
+        freeze_long_lived()
+        return engine
+
+    engine = start()
     vocab = engine.runner.model_config.vocab_size
     params = SamplingParams(max_tokens=256, temperature=0.0, stop_token_ids=())
+    warm_params = SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=())
     _, bound = workload_bound(engine, ceil, args.requests, 512, 256, 256)
     report: dict = {"device": torch.cuda.get_device_name(), "ceilings": asdict(ceil), "bound_with_prefill_tok_s": bound,
-                    "requests": args.requests, "warm_up": [], "runs": []}
+                    "requests": args.requests, "fresh_engines": args.fresh_engines, "warm_up": [], "runs": []}
     t = time.perf_counter()
     # Every run gets prompts of its own (same lengths, other random ids): the engine keeps a prefix
     # cache, and prompts it has seen would skip their prefill.
     seeds = iter(range(1000, 10_000))
-    for variant in variants:  # each setting's kernels compile (and cuBLAS picks) before any timed run
-        report["warm_up"].append(run_variant(engine, variant, _prompts(64, 512, vocab, next(seeds)),
-                                             SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=())))
-    print(f"warm-up of {len(variants)} variants: {time.perf_counter() - t:.1f} s", flush=True)
+    if not args.fresh_engines:
+        for variant in variants:  # each setting's kernels compile (and cuBLAS picks) before any timed run
+            report["warm_up"].append(run_variant(engine, variant, _prompts(64, 512, vocab, next(seeds)), warm_params))
+        print(f"warm-up of {len(variants)} variants: {time.perf_counter() - t:.1f} s", flush=True)
     for rep in range(args.repeats):
         for variant in variants:
+            if args.fresh_engines:
+                unfreeze()
+                del engine
+                gc.collect()  # the runner and its CUDA graphs reference each other
+                torch.cuda.empty_cache()
+                undo = [KNOBS[k](None, v) for k, v in variant.items() if k in START_KNOBS]
+                try:
+                    engine = start()
+                finally:
+                    for u in reversed(undo):
+                        u()
+                report["warm_up"].append(run_variant(engine, variant, _prompts(64, 512, vocab, next(seeds)),
+                                                     warm_params))
             run = run_variant(engine, variant, _prompts(args.requests, 512, vocab, next(seeds)), params)
             run["repeat"] = rep
             run["pct_of_bound_with_prefill"] = 100 * run["output_tok_s"] / bound

@@ -250,7 +250,12 @@ MAX_DECODE_NODES = 16
 # 64-key steps read K/V at 40% of the copy rate, 128 / 32 / 3 stages at 61%, 256 / 32 / 3 stages at
 # 68% (one program per 256-key node). At batch 1 such long units leave most SMs idle: there each
 # program takes one leaf of DECODE_BLOCK_N keys, and the combine kernel folds the leaves.
-MIN_DECODE_NODE_LEN = 256
+# Eleventh H200 run (`step_profile --decode-sweep-only`, combine included): 512-key nodes against
+# 256 take 134 / 198 / 86 us against 139 / 204 / 90 at batch 256 x 512 keys, 256 x 768 and 128 x
+# 640, but 55 against 50 us at 64 x 640; W2 (`w2_variants --fresh-engines`, node_len=512)
+# 15,667 / 15,664 tok/s against 15,125 / 15,497. One program per row (all its nodes, no combine)
+# was slower at every batch of 128+ (145-222 us), and is on branch `s11-experiments`.
+MIN_DECODE_NODE_LEN = 512
 DECODE_BLOCK_N = 32
 DECODE_STAGES = 3
 # Leaf mode (one program per leaf) while the batch leaves SMs idle in node mode: up to this many

@@ -43,7 +43,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gemma_serve.engine import gate_up_gelu
 from gemma_serve.engine.fused_kernels import gelu_mul
 from gemma_serve.engine.pdl import pdl_launch
 
@@ -145,10 +144,10 @@ def projected_gelu_mul(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """gelu_tanh(gate) * up of x's gate_up projection by `linear` ([2 * inter, K], gate rows then up
     rows), in x's dtype. As many tokens on CUDA as the layer runs on the one-token kernel (1; 8-bit
     weights up to FEW_TOKEN_ROWS, 16-bit up to BF16_FEW_TOKEN_ROWS): one kernel, the one-token GEMV
-    with the GELU in its epilogue (the gate_up output never goes to memory). 16-bit weights in steps
-    of GEMMA_GATE_UP_GELU_MIN_ROWS+ rows (off by default): the matrix-unit kernel of `gate_up_gelu`,
-    its GELU in the epilogue too. Otherwise the projection (float32 when the layer asks for it) and
-    `fused_kernels.gelu_mul`, rounded once either way."""
+    with the GELU in its epilogue (the gate_up output never goes to memory). Otherwise the projection
+    (float32 when the layer asks for it) and `fused_kernels.gelu_mul`, rounded once either way. (A
+    Triton matmul with the GELU in its epilogue for prompt-sized steps was 0.82-0.84x cuBLAS + this
+    kernel on an H200: branch `s11-experiments`.)"""
     plan = None
     if isinstance(linear, QuantizedLinear):
         plan = linear.one_token_plan(x, FEW_TOKEN_ROWS)
@@ -156,8 +155,6 @@ def projected_gelu_mul(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         plan = linear.one_token_plan(x, BF16_FEW_TOKEN_ROWS)
     if FUSED_GELU and plan is not None and plan.config.split_k == 1 and plan.config.block_n % 2 == 0:
         return triton_weight_only_linear(x, plan.weight, plan.scale, plan.config, gelu_mul=True)
-    if isinstance(linear, OneTokenLinear) and gate_up_gelu.applies(x, linear.weight):
-        return gate_up_gelu.gate_up_gelu(x, linear.weight, x.dtype)  # prompt-sized steps (GEMMA_GATE_UP_GELU_MIN_ROWS)
     return gelu_mul(linear(x), x.dtype)
 
 
