@@ -65,3 +65,28 @@ def test_run_requests_splits_its_time_between_prompt_steps_and_decode_steps(chec
     w = WorkloadResult("w", 8, 20, 10, 1.0, 1.0, 1.0, 0, 0, 0, 0)
     _set_bounds(w, *workload_bound(engine, ceil, 8, 20, 10, 4))
     assert abs(w.extra["prefill_bound_s"] - prefill_bound_s(engine, ceil, 160)) < 1e-9 * w.extra["prefill_bound_s"]
+
+
+def test_w2_repeats_draw_new_prompts_and_report_the_median(checkpoints):
+    """W2 run twice on one engine: each run computes all its prompt rows (new prompts: the prefix
+    cache would skip repeated ones), each row is named and bounded, and the summary holds both
+    runs and their median."""
+    import statistics
+
+    from gemma_serve.bench.engine_bench import run_decode_workloads, w2_summary
+
+    folder, _ = checkpoints["gemma3"]
+    engine = LLMEngine(EngineConfig(model=str(folder), device="cpu", dtype="float32", block_size=4,
+                                    max_num_seqs=4, max_num_batched_tokens=64, cpu_kv_cache_tokens=512))
+    ceil = Ceilings(copy_gbps=1e-3, bf16_tflops=1e-6)
+    rows = run_decode_workloads(engine, ceil, {"W2"}, w2_requests=3, w2_repeats=2, w2_lens=(24, 6))
+    assert [r.name for r in rows] == [f"W2 throughput 3 x 24/6, <=256 running (run {k} of 2)" for k in (1, 2)]
+    for r in rows:
+        assert sum(s[0] for s in r.extra["steps"]) == 3 * 24  # no prompt row came from the prefix cache
+        assert r.output_len == 6 and r.extra["pct_of_bound_with_prefill"] > 0
+    summary = w2_summary(rows)[rows[0].quantization]
+    assert summary["output_tok_s"] == [r.output_tok_s for r in rows]
+    assert summary["median_output_tok_s"] == statistics.median(summary["output_tok_s"])
+    # One run: named as before, no summary.
+    single = run_decode_workloads(engine, ceil, {"W2"}, w2_requests=1, w2_lens=(24, 6))
+    assert single[0].name == "W2 throughput 1 x 24/6, <=256 running" and w2_summary(single) == {}

@@ -323,8 +323,12 @@ def _set_bounds(r: WorkloadResult, decode: float, with_prefill: float) -> None:
     r.extra["prefill_bound_s"] = out_tokens / with_prefill - out_tokens / decode
 
 
-def run_decode_workloads(engine: LLMEngine, ceil: Ceilings, wanted: set[str], w2_requests: int) -> list[WorkloadResult]:
-    """W1 and W2 on one engine, each with the bound of that engine's weight bytes."""
+def run_decode_workloads(engine: LLMEngine, ceil: Ceilings, wanted: set[str], w2_requests: int,
+                         w2_repeats: int = 1, w2_lens: tuple[int, int] = (512, 256)) -> list[WorkloadResult]:
+    """W1 and W2 on one engine, each with the bound of that engine's weight bytes. W2 runs
+    `w2_repeats` times, each with prompts of its own (the prefix cache would skip repeated ones):
+    under the H200's power cap one W2 run moves by a few percent from the next. `w2_lens`: prompt
+    and output tokens of a W2 request (tests shrink them)."""
     vocab = engine.runner.model_config.vocab_size
     greedy = dict(temperature=0.0, stop_token_ids=())
     quantization = engine.runner.config.quantization
@@ -338,18 +342,37 @@ def run_decode_workloads(engine: LLMEngine, ceil: Ceilings, wanted: set[str], w2
         r.extra["decode_tok_s"] = 511 / decode_s
         r.bound_tok_s = decode_bound(engine, ceil, 1, 128 + 256)
         rows.append(r)
-    if "W2" in wanted:
+    for run in range(w2_repeats if "W2" in wanted else 0):
         with ClockSampler() as clocks:
-            r = run_requests(engine, _prompts(w2_requests, 512, vocab, 2), SamplingParams(max_tokens=256, **greedy))
+            r = run_requests(engine, _prompts(w2_requests, w2_lens[0], vocab, 2 if run == 0 else 2000 + run),
+                             SamplingParams(max_tokens=w2_lens[1], **greedy))
         stats = clocks.stats()
         r.extra["clocks"] = asdict(stats) if stats else None
-        r.name = f"W2 throughput {w2_requests} x 512/256, <=256 running"
-        _set_bounds(r, *workload_bound(engine, ceil, w2_requests, 512, 256, 256))
+        r.name = f"W2 throughput {w2_requests} x {w2_lens[0]}/{w2_lens[1]}, <=256 running"
+        if w2_repeats > 1:
+            r.name += f" (run {run + 1} of {w2_repeats})"
+            r.extra["w2_run"] = run
+        _set_bounds(r, *workload_bound(engine, ceil, w2_requests, *w2_lens, 256))
         r.extra["preemptions"] = engine.stats().extra.get("num_preemptions")
         rows.append(r)
     for r in rows:
         r.quantization = quantization
     return rows
+
+
+def w2_summary(rows: list[WorkloadResult]) -> dict[str, dict]:
+    """Per quantization with several W2 runs: each run's output tok/s and % of the bound with the
+    prompts' FLOPs (of that run's engine and ceilings), and their medians."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        if "w2_run" in r.extra:
+            s = out.setdefault(r.quantization, {"output_tok_s": [], "pct_of_bound_with_prefill": []})
+            s["output_tok_s"].append(r.output_tok_s)
+            s["pct_of_bound_with_prefill"].append(r.extra["pct_of_bound_with_prefill"])
+    for s in out.values():
+        s["median_output_tok_s"] = statistics.median(s["output_tok_s"])
+        s["median_pct_of_bound_with_prefill"] = statistics.median(s["pct_of_bound_with_prefill"])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -360,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-repeats", type=int, default=3,
                         help="W3: times transformers' generate() runs; its best counts (default 3)")
     parser.add_argument("--w2-requests", type=int, default=1024)
+    parser.add_argument("--w2-repeats", type=int, default=1,
+                        help="W2 runs per engine, each with new prompts; the summary gives every run and the median")
     parser.add_argument("--quantization", default="none,int8",
                         help="engines to run W1 and W2 on, in order: none (bf16), int8, fp8 (compute 8.9+); "
                              f"with '{HEAD16}' (e.g. int8{HEAD16}) the embedding / LM head stays bf16")
@@ -398,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{engine.runner.num_blocks} KV blocks ({engine.runner.num_window_blocks} more for sliding-window "
               f"layers), started in {start_s:.1f} s", flush=True)
         freeze_long_lived()  # as AsyncEngine.start() does when serving
-        for r in run_decode_workloads(engine, ceil, wanted, args.w2_requests):
+        for r in run_decode_workloads(engine, ceil, wanted, args.w2_requests, args.w2_repeats):
             r.quantization = quantization  # the engine's label, LM head suffix included
             rows.append(r)
         if i == 0 and "W3" in wanted:
@@ -462,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r.name} {r.quantization}: SM clock mean {c['sm_clock_mean_mhz']:.0f} MHz (min "
                   f"{c['sm_clock_min_mhz']:.0f}), power mean {c['power_mean_w']:.0f} W (max {c['power_max_w']:.0f}), "
                   f"power cap slowing the clock in {c['power_capped_pct']:.0f}% of samples")
+    report["w2_runs"] = w2_summary(rows)
+    for quantization, s in report["w2_runs"].items():
+        print(f"W2 {quantization}, {len(s['output_tok_s'])} runs: "
+              + ", ".join(f"{x:.1f}" for x in s["output_tok_s"])
+              + f" tok/s; median {s['median_output_tok_s']:.1f} tok/s, "
+              f"{s['median_pct_of_bound_with_prefill']:.1f}% of the bound with the prompts' FLOPs")
     if "transformers_W3" in report:
         for k, v in report["transformers_W3"].items():
             runs = ", ".join(f"{x:.1f}" for x in v.get("runs_tok_s", []))
