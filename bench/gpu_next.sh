@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The next session's GPU calls (written at the end of the eleventh run). Each writes under $OUT
-# (default bench-out/).
+# GPU calls of the eleventh and twelfth runs, and the next session's. Each writes under $OUT (default
+# bench-out/); docs/benchmarks.md names the call behind every figure.
 #
-#   OUT=/some/dir bash bench/gpu_next.sh 1     (~6 minutes on an H200)
-#     1. the whole GPU suite (the eleventh run ran test_decode_kernel, test_cuda_graphs and
-#        test_warm_up on its final code, with 512-key decode nodes; the rest ran on the code before);
-#     2. the decode attention's tiles at 512-key nodes (`step_profile --decode-sweep-only`).
+#   OUT=/some/dir bash bench/gpu_next.sh 6     (next session first, ~8 minutes on an H200)
+#     the whole GPU suite on the final code (the twelfth run ran tests/gpu/test_quantization.py on it,
+#     the rest on 27ee770), then W2 with 512- against 1024-key decode nodes, one engine per run
+#     (1024 was 0.5-3.4 us a layer faster in the twelfth run's decode sweep).
+#   OUT=/some/dir bash bench/gpu_next.sh 2     (~5 minutes)
+#     W1, W2 and W3, bf16 and INT8, in one engine_bench run, W2 three times per engine.
 #
-#   OUT=/some/dir bash bench/gpu_next.sh 2     (~7 minutes)
-#     3. W1, W2 and W3, bf16 and INT8, in one engine_bench run, W2 three times per engine with new
-#        prompts each (W2 sits at 69.8-71.4% of its bound against the 70% target, and one run
-#        moves by a few percent under the power cap; W3 was not run again in the eleventh run).
+#   1: the whole suite and the decode attention's tiles (twelfth run, on 27ee770)
+#   4: the 2048-wide INT8 K steps: tests, INT8 one-token tile sweep, W1 A/B (twelfth run)
+#   5: the final code's INT8 GPU tests and W1 (twelfth run)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -30,8 +31,40 @@ case "${1:-1}" in
         --w2-repeats 3 --out "$OUT/engine.json" > "$OUT/engine.log" 2>&1
     grep -v -i warn "$OUT/engine.log" | tail -24
     ;;
+4)
+    # The one-token kernel with 2048-wide K steps where 2048 divides K (o, down; GEMMA_GEMV_WIDE_K =
+    # warps): the INT8 GPU tests on it, the INT8 one-token tile sweep (half2), then W1 bf16 + INT8
+    # with it off / on 8 warps / on 4 warps, A B C B A. (On main the setting covers 8-bit weights only;
+    # in the twelfth run's A/B it reached 16-bit weights too, through `one_token_config`.)
+    GEMMA_GEMV_WIDE_K=8 timeout 120 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_quantization.py \
+        > "$OUT/gpu-tests-wide-k8.log" 2>&1
+    tail -2 "$OUT/gpu-tests-wide-k8.log"
+    timeout 120 python3 -m gemma_serve.bench.quant_bench --int8-gemv --int8-widenings half2 \
+        --out "$OUT/int8-gemv.json" > "$OUT/int8-gemv.log" 2>&1
+    grep "int8 one token" "$OUT/int8-gemv.log"
+    for w in 0 8 4 8 0; do
+        GEMMA_GEMV_WIDE_K=$w timeout 60 python3 -m gemma_serve.bench.engine_bench --workloads W1 \
+            --quantization none,int8 --out "$OUT/w1-wide-k$w-$SECONDS.json" > "$OUT/w1-wide-k$w-$SECONDS.log" 2>&1
+        echo "wide_k=$w: $(ls -t "$OUT"/w1-wide-k$w-*.log | head -1 | xargs grep -h '^W1' | awk '{print $5, $6}' | tr '\n' ' ')"
+    done
+    ;;
+5)
+    # The INT8 GPU tests and W1 with 2048-wide K steps for 8-bit weights by default (GEMMA_GEMV_WIDE_K=8).
+    timeout 170 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_quantization.py > "$OUT/gpu-tests-quant.log" 2>&1
+    tail -2 "$OUT/gpu-tests-quant.log"
+    timeout 70 python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization none,int8 \
+        --out "$OUT/w1-final.json" > "$OUT/w1-final.log" 2>&1
+    grep -v -i warn "$OUT/w1-final.log" | tail -4
+    ;;
+6)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu > "$OUT/gpu-tests.log" 2>&1
+    tail -3 "$OUT/gpu-tests.log"
+    timeout 270 python3 -m gemma_serve.bench.w2_variants --fresh-engines --repeats 2 \
+        --variants "base;node_len=1024" --out "$OUT/w2-node-len.json" > "$OUT/w2-node-len.log" 2>&1
+    grep -v -i warn "$OUT/w2-node-len.log" | tail -8
+    ;;
 *)
-    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2" >&2
+    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6" >&2
     exit 2
     ;;
 esac

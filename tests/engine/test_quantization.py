@@ -236,8 +236,9 @@ def test_quantize_lm_head_reaches_the_engine_config():
     assert engine_config(settings).quantize_lm_head is False
 
 
-def test_kernel_config_picks_the_one_token_kernel_and_splits_k_only_for_few_tiles():
+def test_kernel_config_picks_the_one_token_kernel_and_splits_k_only_for_few_tiles(monkeypatch):
     sms = 132
+    monkeypatch.setattr(quant, "GEMV_WIDE_K_WARPS", 8)  # the default
     # Gemma 3 4B decode shapes (N, K): qkv, o_proj, gate_up, down, the LM head (vocabulary 262,144).
     shapes = ((4096, 2560), (2560, 2048), (20480, 2560), (2560, 10240), (262144, 2560), (100, 72))
     for n, k in shapes:
@@ -246,6 +247,16 @@ def test_kernel_config_picks_the_one_token_kernel_and_splits_k_only_for_few_tile
         assert k % one.block_k == 0 or k < one.block_k  # no ragged K tile on the real shapes
     for m in (1, 16, 64, 256):  # the LM head's 262,144 outputs make tiles enough without K splits
         assert quant.kernel_config(m, 262144, 2560, sms).split_k == 1
+    # 8-bit weights stream o and down (2048 divides K) in 2048-wide steps on 8 warps, 16-bit weights
+    # in 1024-wide steps on 4; GEMMA_GEMV_WIDE_K=0 keeps 8-bit on those too.
+    for n, k in ((2560, 2048), (2560, 10240)):
+        assert (quant.kernel_config(1, n, k, sms).block_k, quant.kernel_config(1, n, k, sms).num_warps) == (2048, 8)
+        assert (quant.one_token_config(n, k).block_k, quant.one_token_config(n, k).num_warps) == (1024, 4)
+    assert quant.kernel_config(1, 4096, 2560, sms).block_k == 512
+    with monkeypatch.context() as m:
+        m.setattr(quant, "GEMV_WIDE_K_WARPS", 0)
+        assert (quant.kernel_config(4, 2560, 10240, sms).block_k, quant.kernel_config(4, 2560, 10240, sms).num_warps) \
+            == (1024, 4)
     down = quant.kernel_config(8, 2560, 10240, sms)
     assert down.split_k > 1 and (2560 // down.block_n) * down.split_k >= 2 * sms
     assert quant.kernel_config(8, 20480, 2560, sms).split_k == 1

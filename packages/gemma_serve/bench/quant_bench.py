@@ -224,7 +224,8 @@ def bf16_gemv_sweep(copy_gbps: float, layers: int) -> list[dict]:
 
         timed = time_one_token_tiles(triton_step, n, k, layers, (0, 2, 4),
                                      [(4, 1024, 4, 2), (8, 512, 4, 2), (8, 512, 4, 3), (8, 1024, 8, 2), (16, 512, 8, 2),
-                                      (4, 512, 4, 3), (2, 1024, 4, 3), (16, 256, 4, 3), (4, 256, 4, 4)])
+                                      (4, 512, 4, 3), (2, 1024, 4, 3), (16, 256, 4, 3), (4, 256, 4, 4),
+                                      (4, 2048, 4, 2), (4, 2048, 8, 2), (2, 2048, 4, 2)])
         cublas_us = graph_ms(step_fn(bf16, xs)) * 1e3 / layers
         best = min(timed, key=timed.get)
         # Same numbers as cuBLAS within bf16 rounding of the sum.
@@ -302,10 +303,10 @@ def bf16_matrix_sweep(ms: list[int], copy_gbps: float, layers: int) -> list[dict
 INT8_WIDENINGS = quant.INT8_GEMV_WIDENINGS
 
 
-def int8_gemv_sweep(copy_gbps: float, layers: int) -> list[dict]:
+def int8_gemv_sweep(copy_gbps: float, layers: int, widenings: tuple[str, ...] = ()) -> list[dict]:
     """One token, INT8 weights: the one-token kernel's ways of widening the weights (float add
     after bit operations, or subnormals) per projection and tile shape, with each one's error
-    against the dequantized matrix in float32."""
+    against the dequantized matrix in float32. `widenings`: only these (names of INT8_WIDENINGS)."""
     xs = inputs(1)
     rows = []
     for name, (n, k) in SHAPES.items():
@@ -314,6 +315,8 @@ def int8_gemv_sweep(copy_gbps: float, layers: int) -> list[dict]:
         q, s = int8[0][name]
         ref = F.linear(xs[k].float(), quant.dequantize_weight(q, s, torch.float32))
         for label, widen in INT8_WIDENINGS.items():
+            if widenings and label not in widenings:
+                continue
             def step(cfg: quant.KernelConfig, name: str = name, k: int = k, widen: int = widen,
                      weights: list[dict] = int8):
                 def run() -> None:
@@ -323,7 +326,8 @@ def int8_gemv_sweep(copy_gbps: float, layers: int) -> list[dict]:
 
             timed = time_one_token_tiles(step, n, k, layers, (0, 2),
                                          [(4, 1024, 4, 2), (8, 512, 4, 2), (8, 1024, 4, 2), (8, 1024, 8, 2),
-                                          (16, 512, 8, 2), (4, 512, 4, 3)], label)
+                                          (16, 512, 8, 2), (4, 512, 4, 3), (4, 2048, 4, 2), (4, 2048, 8, 2),
+                                          (2, 2048, 4, 2), (8, 2048, 8, 2)], label)
             best = min(timed, key=timed.get)
             try:
                 got = quant.triton_weight_only_linear(xs[k], q, s, quant.KernelConfig(1, 8, 512, 1, 4, 2),
@@ -433,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only: one token on bf16 weights, cuBLAS against the Triton one-token kernel")
     parser.add_argument("--int8-gemv", action="store_true",
                         help="only: one token on INT8 weights, the one-token kernel's widenings and tile shapes")
+    parser.add_argument("--int8-widenings", default="",
+                        help="with --int8-gemv: only these widenings, e.g. half2 (default: all)")
     parser.add_argument("--gemv-variants", action="store_true",
                         help="only: one token through each layer's projections, one change of the kernel at a time")
     parser.add_argument("--bf16-matrix", default="",
@@ -461,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.bf16_gemv:
             report["bf16_gemv"] = bf16_gemv_sweep(copy, args.layers)
         if args.int8_gemv:
-            report["int8_gemv"] = int8_gemv_sweep(copy, args.layers)
+            report["int8_gemv"] = int8_gemv_sweep(copy, args.layers,
+                                                  tuple(w for w in args.int8_widenings.split(",") if w))
         if args.out:
             args.out.write_text(json.dumps(report, indent=2))
         return 0

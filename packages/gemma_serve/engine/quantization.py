@@ -323,6 +323,17 @@ FEW_TOKEN_ROWS = min(int(os.environ.get("GEMMA_FEW_TOKEN_ROWS", "4")), FEW_TOKEN
 BF16_FEW_TOKEN_ROWS = min(int(os.environ.get("GEMMA_BF16_FEW_TOKEN_ROWS", "1")), FEW_TOKEN_MAX_ROWS)
 
 
+# 8-bit weights on the one-token kernel, where 2048 divides K (o and down): 2048-wide K steps on
+# this many warps (GEMMA_GEMV_WIDE_K), twice the weight bytes in flight per program of the 1024-wide
+# step on 4 warps (0). On an H200: W1 INT8 616.0-616.5 tok/s against 593.7-593.9 (8 warps; 604.1 on
+# 4), down 7.9 against 9.7 us a layer. 16-bit weights keep 1024 (W1 bf16 382 against 407 with 2048
+# on 8 warps; docs/benchmarks.md, twelfth run).
+_WIDE_K = os.environ.get("GEMMA_GEMV_WIDE_K", "8")
+if _WIDE_K not in ("0", "4", "8"):
+    raise ValueError(f"GEMMA_GEMV_WIDE_K={_WIDE_K!r}: use 8 or 4 (warps of a 2048-wide K step) or 0 (1024-wide steps)")
+GEMV_WIDE_K_WARPS = int(_WIDE_K)
+
+
 def one_token_config(n: int, k: int) -> KernelConfig:
     """Tiles of the one-token kernel on 16-bit weights, from `quant_bench --bf16-gemv` on an H200:
     4 output rows per program, 1024-wide K steps in 2 stages where 1024 divides K, else 512 in 3."""
@@ -496,15 +507,17 @@ def kernel_config(m: int, n: int, k: int, num_sms: int) -> KernelConfig:
     """Tile shapes for an [m, k] x [k, n] product, picked from the sweep of `gemma_serve.bench.quant_bench`
     on an H200 (docs/benchmarks.md). Decode sizes are bound by streaming the weights: up to
     FEW_TOKEN_ROWS tokens run on the FMA units with 4-8 output rows per program and 4 KB of weights
-    per step of its K loop (thousands of programs keep every SM's loads in flight; K tiles that
-    divide K, a ragged tile costs more than it saves); up to 16 tokens use narrow output tiles on
-    the matrix units with long K tiles, and split K when the output has too few tiles to give every
+    per step of its K loop, 8 KB where 2048 divides K (GEMV_WIDE_K_WARPS; thousands of programs keep
+    every SM's loads in flight; K tiles that divide K, a ragged tile costs more than it saves); up
+    to 16 tokens use narrow output tiles on the matrix units with long K tiles, and split K when the output has too few tiles to give every
     SM two programs. Larger m tiles the tokens too, as a plain matmul does."""
     swap = True
     split_target = 2 * num_sms  # programs to reach by splitting K
     if m <= FEW_TOKEN_ROWS:  # the one-token kernel (1 .. 4 tokens)
         block_m, warps, stages = 1, 4, 2
         block_n, block_k = (4, 1024) if k % 1024 == 0 else (8, 512)
+        if GEMV_WIDE_K_WARPS > 0 and k % 2048 == 0:  # every row count alike: a row's sums must not
+            block_k, warps = 2048, GEMV_WIDE_K_WARPS  # depend on the batch
     elif m <= 16:
         block_m, warps, stages = 16, 4, 3
         if n >= 8192 or k > 4096:  # gate_up, and down (split K: its 2560 outputs make few tiles)
