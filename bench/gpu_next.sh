@@ -6,8 +6,9 @@
 #     the whole GPU suite on the final code (the twelfth run ran tests/gpu/test_quantization.py on it,
 #     the rest on 27ee770), then W2 with 512- against 1024-key decode nodes, one engine per run
 #     (1024 was 0.5-3.4 us a layer faster in the twelfth run's decode sweep).
-#   OUT=/some/dir bash bench/gpu_next.sh 2     (~5 minutes)
-#     W1, W2 and W3, bf16 and INT8, in one engine_bench run, W2 three times per engine.
+#   OUT=/some/dir bash bench/gpu_next.sh 2     (~6 minutes)
+#     W1, W2 and W3, bf16 and INT8, in one engine_bench run, W2 three times per engine; then the
+#     linear layers at 1-4 tokens with INT8's 2048-wide K steps on and off (quant_bench).
 #
 #   1: the whole suite and the decode attention's tiles (twelfth run, on 27ee770)
 #   4: the 2048-wide INT8 K steps: tests, INT8 one-token tile sweep, W1 A/B (twelfth run)
@@ -30,6 +31,13 @@ case "${1:-1}" in
     timeout 560 python3 -m gemma_serve.bench.engine_bench --workloads W1,W2,W3 --quantization none,int8 \
         --w2-repeats 3 --out "$OUT/engine.json" > "$OUT/engine.log" 2>&1
     grep -v -i warn "$OUT/engine.log" | tail -24
+    # The linear layers at 1-4 tokens with 8-bit weights on 2048-wide K steps (the default since the
+    # twelfth run) and on 1024-wide ones: the 2-4-token speed was not measured with the wide steps.
+    for w in 8 0; do
+        GEMMA_GEMV_WIDE_K=$w timeout 60 python3 -m gemma_serve.bench.quant_bench --batch 1,2,3,4 --methods bf16,int8 \
+            --out "$OUT/few-token-wide-k$w.json" > "$OUT/few-token-wide-k$w.log" 2>&1
+        echo "GEMMA_GEMV_WIDE_K=$w"; grep -E "^(bf16|int8) " "$OUT/few-token-wide-k$w.log"
+    done
     ;;
 4)
     # The one-token kernel with 2048-wide K steps where 2048 divides K (o, down; GEMMA_GEMV_WIDE_K =
