@@ -6,6 +6,10 @@
 #     the whole GPU suite on the final code (the twelfth run ran tests/gpu/test_quantization.py on it,
 #     the rest on 27ee770), then W2 with 512- against 1024-key decode nodes, one engine per run
 #     (1024 was 0.5-3.4 us a layer faster in the twelfth run's decode sweep).
+#   OUT=/some/dir bash bench/gpu_next.sh 7     (~5 minutes)
+#     INT8 one-token kernel with 3-5 weight tiles in flight per program (GEMMA_GEMV_PREFETCH_TILES):
+#     tests, a per-projection sweep, W1 A/B. INT8 1.6x needs ~0.08 ms less a step; qkv is at 56% of
+#     its copy bound with 2 tiles.
 #   OUT=/some/dir bash bench/gpu_next.sh 2     (~6 minutes)
 #     W1, W2 and W3, bf16 and INT8, in one engine_bench run, W2 three times per engine; then the
 #     linear layers at 1-4 tokens with INT8's 2048-wide K steps on and off (quant_bench).
@@ -71,8 +75,24 @@ case "${1:-1}" in
         --variants "base;node_len=1024" --out "$OUT/w2-node-len.json" > "$OUT/w2-node-len.log" 2>&1
     grep -v -i warn "$OUT/w2-node-len.log" | tail -8
     ;;
+7)
+    # Several INT8 weight tiles in flight per program of the one-token kernel (GEMMA_GEMV_PREFETCH_TILES,
+    # written after the twelfth run's device time ran out): its GPU tests, each projection with 1-5
+    # tiles in flight, then W1 (bf16 + INT8) with 2 (the default), 5 and 3 tiles for qkv, A B C B A.
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_quantization.py -k "several_tiles" \
+        > "$OUT/gpu-tests-prefetch-tiles.log" 2>&1
+    tail -2 "$OUT/gpu-tests-prefetch-tiles.log"
+    timeout 90 python3 -m gemma_serve.bench.quant_bench --prefetch-tiles --out "$OUT/prefetch-tiles.json" \
+        > "$OUT/prefetch-tiles.log" 2>&1
+    grep "int8 one token" "$OUT/prefetch-tiles.log"
+    for t in 2 5 3 5 2; do
+        GEMMA_GEMV_PREFETCH_TILES=$t timeout 60 python3 -m gemma_serve.bench.engine_bench --workloads W1 \
+            --quantization none,int8 --out "$OUT/w1-tiles$t-$SECONDS.json" > "$OUT/w1-tiles$t-$SECONDS.log" 2>&1
+        echo "tiles=$t: $(ls -t "$OUT"/w1-tiles$t-*.log | head -1 | xargs grep -h '^W1' | awk '{print $5, $6}' | tr '\n' ' ')"
+    done
+    ;;
 *)
-    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6" >&2
+    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7" >&2
     exit 2
     ;;
 esac

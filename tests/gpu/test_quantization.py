@@ -265,16 +265,17 @@ def test_one_token_kernel_float32_outputs_and_gelu_epilogue(weights, inter, k, e
 
 
 @pytest.mark.interpretable
+@pytest.mark.parametrize("tiles", [2, 5])
 @pytest.mark.parametrize("weights", ["16-bit", "int8"])
 @pytest.mark.parametrize("k_tiles", [1, 2, 5, 8])
-def test_one_token_kernel_with_two_tiles_in_flight(weights, k_tiles):
-    """The loop that loads two weight tiles before summing either (GEMV_PREFETCH): the same product
-    with an odd number of tiles left (the pair's second tile past the end reads as zeros), K split
-    over programs, the first tile read before the PDL wait, and the GELU epilogue."""
+def test_one_token_kernel_with_several_tiles_in_flight(weights, k_tiles, tiles):
+    """The loop that loads several weight tiles before summing any (GEMV_PREFETCH, 2-5 tiles): the
+    same product when the tiles left are not a multiple of them (tiles past the end read as zeros),
+    K split over programs, the first tile read before the PDL wait, and the GELU epilogue."""
     from gemma_serve.engine.fused_kernels import gelu_mul
 
     block_k = 512 if ON_GPU else 32
-    n, k = (1024, k_tiles * block_k)
+    n, k = (1024 if ON_GPU else 256, k_tiles * block_k)  # the interpreter: fewer programs
     dtype = torch.bfloat16 if ON_GPU else (torch.float16 if weights == "16-bit" else torch.float32)
     gen = generator(100 + k_tiles + len(weights))
     q, scale, exact = one_token_weights(weights, n, k, dtype, gen)
@@ -285,13 +286,15 @@ def test_one_token_kernel_with_two_tiles_in_flight(weights, k_tiles):
         half2 = quant.INT8_GEMV_WIDEN == quant._WIDEN_INT8_HALF2 and dtype == torch.bfloat16 and q.dtype == torch.int8
         tol = 2e-3 if half2 and quant.half2_applies(cfg, q) else 1e-5
         one = quant.triton_weight_only_linear(x, q, scale, cfg, out_dtype=torch.float32, prefetch=False)
-        two = quant.triton_weight_only_linear(x, q, scale, cfg, out_dtype=torch.float32, prefetch=True)
+        two = quant.triton_weight_only_linear(x, q, scale, cfg, out_dtype=torch.float32, prefetch=tiles)
         assert rel_err(two, ref) < tol, f"split {split}: {rel_err(two, ref):.2e}"
         # The same products summed in the same order per lane: equal to the one-tile loop.
         assert torch.equal(two, one), f"split {split}"
         if split == 1:
-            fused = quant.triton_weight_only_linear(x, q, scale, cfg, gelu_mul=True, prefetch=True)
+            fused = quant.triton_weight_only_linear(x, q, scale, cfg, gelu_mul=True, prefetch=tiles)
             assert rel_err(fused, gelu_mul(one, dtype)) < (1e-6 if dtype == torch.float32 else 4e-3)
+    with pytest.raises(ValueError, match="tiles in flight"):
+        quant.triton_weight_only_linear(x, q, scale, quant.KernelConfig(1, 8, block_k, 1, 4, 2), prefetch=6)
 
 
 @pytest.mark.interpretable

@@ -345,6 +345,32 @@ def int8_gemv_sweep(copy_gbps: float, layers: int, widenings: tuple[str, ...] = 
     return rows
 
 
+def prefetch_tiles_sweep(copy_gbps: float, layers: int) -> list[dict]:
+    """One token, INT8 weights on the engine's tiles (`kernel_config`, half2): each projection with
+    1 to MAX_PREFETCH_TILES weight tiles in flight per program (GEMV_PREFETCH_TILES; the engine uses
+    several only where `prefetch_applies`: qkv), against its copy bound."""
+    xs = inputs(1)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        int8 = make_weights("int8", {name: (n, k)}, layers)
+        bound_us = weight_bytes(int8) / (copy_gbps * 1e9) * 1e6 / layers
+        cfg = quant.kernel_config(1, n, k, sms)
+        timed = {}
+        for tiles in range(1, quant.MAX_PREFETCH_TILES + 1):
+            def run(tiles: int = tiles, weights: list[dict] = int8, k: int = k) -> None:
+                for layer in weights:
+                    quant.triton_weight_only_linear(xs[k], *layer[name], cfg, prefetch=tiles if tiles > 1 else False)
+            timed[tiles] = graph_ms(run) * 1e3 / layers
+        rows.append(dict(shape=name, n=n, k=k, config=asdict(cfg), bound_us=bound_us, us_by_tiles=timed))
+        print(f"int8 one token {name:8s} {cfg.block_n}x{cfg.block_k} w{cfg.num_warps}, bound {bound_us:5.2f} us; "
+              "tiles in flight " + ", ".join(f"{t}: {us:5.2f} us ({100 * bound_us / us:4.1f}%)" for t, us in timed.items()),
+              flush=True)
+        del int8
+        torch.cuda.empty_cache()
+    return rows
+
+
 def gemv_variants(copy_gbps: float, layers: int) -> list[dict]:
     """One token through every layer's four projections, as a decode step runs them (qkv, o,
     gate_up with its GELU, down), bf16 and INT8 weights: with the GELU kernel after gate_up, with
@@ -439,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="only: one token on INT8 weights, the one-token kernel's widenings and tile shapes")
     parser.add_argument("--int8-widenings", default="",
                         help="with --int8-gemv: only these widenings, e.g. half2 (default: all)")
+    parser.add_argument("--prefetch-tiles", action="store_true",
+                        help="only: one token on INT8 weights, each projection with 1-5 weight tiles in flight")
     parser.add_argument("--gemv-variants", action="store_true",
                         help="only: one token through each layer's projections, one change of the kernel at a time")
     parser.add_argument("--bf16-matrix", default="",
@@ -458,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
                     "layers": args.layers, "stack": []}
     print(f"device {report['device']}: copy {copy:.0f} GB/s (read+write); {args.layers} layers x "
           f"{', '.join(f'{k} {n}x{kk}' for k, (n, kk) in SHAPES.items())}", flush=True)
-    if args.bf16_gemv or args.int8_gemv or args.gemv_variants or args.bf16_matrix:
+    if args.bf16_gemv or args.int8_gemv or args.gemv_variants or args.bf16_matrix or args.prefetch_tiles:
+        if args.prefetch_tiles:
+            report["prefetch_tiles"] = prefetch_tiles_sweep(copy, args.layers)
         if args.bf16_matrix:
             report["bf16_matrix"] = bf16_matrix_sweep([int(b) for b in args.bf16_matrix.split(",")], copy,
                                                       args.layers)

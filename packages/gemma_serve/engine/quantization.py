@@ -309,9 +309,14 @@ FUSED_GELU = os.environ.get("GEMMA_FUSED_GELU", "1") == "1"
 # their loop with its first step taken out measured slower (INT8 float-add qkv 10.3 against 6.0 us);
 # "all" reads every kind early.
 GEMV_EARLY_WEIGHTS = os.environ.get("GEMMA_GEMV_EARLY_WEIGHTS", "1")
-# The one-token kernel keeps two weight tiles in flight where its grid is small (`prefetch_applies`);
-# GEMMA_GEMV_PREFETCH=0 keeps one.
+# The one-token kernel keeps several weight tiles in flight where its grid is small
+# (`prefetch_applies`); GEMMA_GEMV_PREFETCH=0 keeps one. GEMMA_GEMV_PREFETCH_TILES: how many (2, the
+# default: INT8 qkv 4.3 against 5.1 us on an H200; 3-5 not yet timed on a GPU).
 GEMV_PREFETCH = os.environ.get("GEMMA_GEMV_PREFETCH", "1") == "1"
+MAX_PREFETCH_TILES = 5
+GEMV_PREFETCH_TILES = int(os.environ.get("GEMMA_GEMV_PREFETCH_TILES", "2"))
+if not 2 <= GEMV_PREFETCH_TILES <= MAX_PREFETCH_TILES:
+    raise ValueError(f"GEMMA_GEMV_PREFETCH_TILES={GEMV_PREFETCH_TILES}: use 2 to {MAX_PREFETCH_TILES}")
 # The one-token kernel takes up to 4 tokens at once (each weight tile read once for all): 8-bit
 # weights at 2..GEMMA_FEW_TOKEN_ROWS rows run on it instead of the matrix-unit kernel, which is no
 # faster than cuBLAS on bf16 there (H200, the layers' projections at 2 / 3 / 4 rows: 1.375 / 1.646 /
@@ -725,6 +730,18 @@ if triton is not None:
         return acc0, acc1, acc2, acc3
 
     @triton.jit
+    def _tile_or_zeros(w_ptrs, t, i, last, offs_k, BLOCK_K: tl.constexpr):
+        """Weight tile t + i of a multi-tile step; past the split's end it is zeros, which add
+        nothing (the mask is constant along each row's 16 bytes, so the loads stay 16 bytes wide)."""
+        more = (t + i) * BLOCK_K + offs_k < last * BLOCK_K
+        return tl.load(w_ptrs + i * BLOCK_K, mask=more[None, :], other=0, eviction_policy="evict_first")
+
+    @triton.jit
+    def _x_or_zeros(x_ptrs, t, i, last, offs_k, BLOCK_K: tl.constexpr):
+        more = (t + i) * BLOCK_K + offs_k < last * BLOCK_K
+        return tl.load(x_ptrs + i * BLOCK_K, mask=more, other=0.0)
+
+    @triton.jit
     def _gemv_store(acc, token, OUT, S, rows, offs_n, pid_n, pid_k, N, stride_om, stride_split,
                     BLOCK_N: tl.constexpr, WIDEN: tl.constexpr, HAS_SCALE: tl.constexpr, GELU_MUL: tl.constexpr):
         """One token's row of the one-token kernel's output: the sums across K, scaled, and (GELU_MUL)
@@ -748,7 +765,7 @@ if triton is not None:
                                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                                  WIDEN: tl.constexpr, HAS_SCALE: tl.constexpr = True, GELU_MUL: tl.constexpr = False,
                                  EARLY_W: tl.constexpr = False, M_TOK: tl.constexpr = 1,
-                                 PREFETCH: tl.constexpr = False, PDL: tl.constexpr = False):
+                                 PREFETCH: tl.constexpr = 0, PDL: tl.constexpr = False):
         """One token: OUT[split][n] = scale[n] * sum over this split's K of x[k] * W[n, k], on the FMA
         units (a matrix unit would idle 15 of its 16 rows). Weights go straight from memory to
         registers; the products accumulate per lane and are summed across K once, at the end.
@@ -758,9 +775,9 @@ if triton is not None:
         output never goes to memory, and the GELU kernel is not launched.
         EARLY_W (EVEN_K, the split's K range not empty): the first weight tile is read before the
         PDL wait. M_TOK (1-4): tokens (rows of x, stride_xm apart; of OUT, stride_om apart), each
-        weight tile read once for all of them. PREFETCH (EVEN_K, one token): the loop takes two
-        tiles a step and issues both tiles' loads before summing either, for grids too small to keep
-        enough loads in flight with one tile a program (`prefetch_applies`)."""
+        weight tile read once for all of them. PREFETCH (2-5; EVEN_K, one token): the loop takes
+        that many tiles a step and issues all their loads before summing any, for grids too small to
+        keep enough loads in flight with one tile a program (`prefetch_applies`); 0 or 1: one tile."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         lane = tl.arange(0, BLOCK_N)
@@ -793,17 +810,27 @@ if triton is not None:
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
             start = first + 1
-        if PREFETCH:  # (EVEN_K, M_TOK 1) two tiles' loads issued before either is summed
-            for t in range(start, last, 2):
+        if PREFETCH > 1:  # (EVEN_K, M_TOK 1) PREFETCH tiles' loads issued before any is summed
+            for t in range(start, last, PREFETCH):
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
-                # The pair's second tile; past the split's end it is zeros, which add nothing (the
-                # mask is constant along each row's 16 bytes, so the loads stay 16 bytes wide).
-                more = (t + 1) * BLOCK_K + offs_k < last * BLOCK_K
-                w2 = tl.load(w_ptrs + BLOCK_K, mask=more[None, :], other=0, eviction_policy="evict_first")
+                w2 = _tile_or_zeros(w_ptrs, t, 1, last, offs_k, BLOCK_K)
+                if PREFETCH > 2:
+                    w3 = _tile_or_zeros(w_ptrs, t, 2, last, offs_k, BLOCK_K)
+                if PREFETCH > 3:
+                    w4 = _tile_or_zeros(w_ptrs, t, 3, last, offs_k, BLOCK_K)
+                if PREFETCH > 4:
+                    w5 = _tile_or_zeros(w_ptrs, t, 4, last, offs_k, BLOCK_K)
+                # In K order, as the one-tile loop: the same sums, to the bit.
                 acc0 = _gemv_step(acc0, w, tl.load(x_ptrs), WIDEN)
-                acc0 = _gemv_step(acc0, w2, tl.load(x_ptrs + BLOCK_K, mask=more, other=0.0), WIDEN)
-                w_ptrs += 2 * BLOCK_K
-                x_ptrs += 2 * BLOCK_K
+                acc0 = _gemv_step(acc0, w2, _x_or_zeros(x_ptrs, t, 1, last, offs_k, BLOCK_K), WIDEN)
+                if PREFETCH > 2:
+                    acc0 = _gemv_step(acc0, w3, _x_or_zeros(x_ptrs, t, 2, last, offs_k, BLOCK_K), WIDEN)
+                if PREFETCH > 3:
+                    acc0 = _gemv_step(acc0, w4, _x_or_zeros(x_ptrs, t, 3, last, offs_k, BLOCK_K), WIDEN)
+                if PREFETCH > 4:
+                    acc0 = _gemv_step(acc0, w5, _x_or_zeros(x_ptrs, t, 4, last, offs_k, BLOCK_K), WIDEN)
+                w_ptrs += PREFETCH * BLOCK_K
+                x_ptrs += PREFETCH * BLOCK_K
             start = last
         for t in range(start, last):
             if EVEN_K:
@@ -912,13 +939,27 @@ if triton is not None:
 
 
 def prefetch_applies(programs: int, tokens: int, even_k: bool, widen: int, device_index: int) -> bool:
-    """Whether the one-token kernel keeps two tiles' loads in flight per program (GEMV_PREFETCH):
+    """Whether the one-token kernel keeps several tiles' loads in flight per program
+    (GEMV_PREFETCH, GEMV_PREFETCH_TILES of them):
     one token, whole K tiles, INT8 on half2, and fewer than 4 programs per SM, where one tile a
     program is too few bytes in flight to cover DRAM latency. On an H200 that is qkv (512 programs):
     4.3 against 5.1 us; the projections with more programs were slower with it (docs/benchmarks.md,
     seventh and eighth runs)."""
     return (GEMV_PREFETCH and tokens == 1 and even_k and widen == _WIDEN_INT8_HALF2
             and programs < 4 * _num_sms(device_index))
+
+
+def _prefetch_tiles(prefetch: bool | int | None, programs: int, tokens: int, even_k: bool, widen: int,
+                    device_index: int) -> int:
+    """The one-token kernel's PREFETCH: weight tiles in flight per program (0: one)."""
+    if prefetch is None:
+        prefetch = prefetch_applies(programs, tokens, even_k, widen, device_index)
+    if not prefetch or tokens != 1 or not even_k:
+        return 0
+    tiles = GEMV_PREFETCH_TILES if prefetch is True else int(prefetch)
+    if not 2 <= tiles <= MAX_PREFETCH_TILES:
+        raise ValueError(f"prefetch={prefetch}: 2 to {MAX_PREFETCH_TILES} tiles in flight")
+    return tiles
 
 
 def half2_applies(cfg: KernelConfig, qweight: torch.Tensor) -> bool:
@@ -935,7 +976,7 @@ def half2_applies(cfg: KernelConfig, qweight: torch.Tensor) -> bool:
 def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor | None,
                               config: KernelConfig | None = None, int8_gemv_widen: int | None = None,
                               out_dtype: torch.dtype | None = None, gelu_mul: bool = False,
-                              prefetch: bool | None = None) -> torch.Tensor:
+                              prefetch: bool | int | None = None) -> torch.Tensor:
     """The Triton path of `weight_only_linear` (x bf16/fp16, qweight int8 or fp8 e4m3 [N, K] with
     contiguous rows, scale float32 [N]). Static shapes for a given x: CUDA-graph capturable.
     scale None: qweight is a float matrix of x's dtype, multiplied as it is (16-bit on the one-token
@@ -945,8 +986,8 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
     gelu_mul (one token): qweight is a gate_up matrix [2 * inter, K]; returns gelu_tanh(gate) * up
     [..., inter] (rounded once to out_dtype), as `fused_kernels.gelu_mul` of the product.
     int8_gemv_widen: how the one-token kernel widens INT8 weights (a `_WIDEN_INT8*`; benchmarks).
-    prefetch: two weight tiles in flight per program (one token, whole K tiles; default
-    `prefetch_applies`; tests force it)."""
+    prefetch: several weight tiles in flight per program (one token, whole K tiles): True for
+    GEMV_PREFETCH_TILES, or how many (2-5); default `prefetch_applies`; tests force it."""
     k = x.shape[-1]
     n = qweight.shape[0]
     x2 = x.reshape(-1, k)
@@ -985,9 +1026,8 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
                                                      EARLY_W=(even_k and cfg.split_k == 1 and (
                                                          GEMV_EARLY_WEIGHTS == "all" or (GEMV_EARLY_WEIGHTS == "1" and (
                                                              scale is None or widen == _WIDEN_INT8_HALF2)))),
-                                                     PREFETCH=(prefetch_applies(grid[0] * cfg.split_k, m, even_k, widen,
-                                                                                x.device.index or 0) if prefetch is None
-                                                               else prefetch and m == 1 and even_k),
+                                                     PREFETCH=_prefetch_tiles(prefetch, grid[0] * cfg.split_k, m,
+                                                                              even_k, widen, x.device.index or 0),
                                                      num_stages=cfg.num_stages, **pdl_launch(x2))
     else:
         _weight_only_matmul_kernel[grid](x2, qweight, scale, out, m, n, k, x2.stride(0), qweight.stride(0), n,
