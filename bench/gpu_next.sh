@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU calls of the eleventh and twelfth runs, and the next session's. Each writes under $OUT (default
-# bench-out/); docs/benchmarks.md names the call behind every figure.
+# bench-out/; the device returns at most 8 files a call); docs/benchmarks.md names the call behind
+# every figure.
 #
 #   OUT=/some/dir bash bench/gpu_next.sh 6     (next session first, ~8 minutes on an H200)
 #     the whole GPU suite on the final code (the twelfth run ran tests/gpu/test_quantization.py on it,
@@ -78,18 +79,25 @@ case "${1:-1}" in
 7)
     # Several INT8 weight tiles in flight per program of the one-token kernel (GEMMA_GEMV_PREFETCH_TILES,
     # written after the twelfth run's device time ran out): its GPU tests, each projection with 1-5
-    # tiles in flight, then W1 (bf16 + INT8) with 2 (the default), 5 and 3 tiles for qkv, A B C B A.
+    # tiles in flight, then W1 INT8 with 2 (the default) and 5 tiles, for qkv only or for o and down
+    # too, A B C B A (16-bit weights never take this loop).
     timeout 90 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_quantization.py -k "several_tiles" \
         > "$OUT/gpu-tests-prefetch-tiles.log" 2>&1
     tail -2 "$OUT/gpu-tests-prefetch-tiles.log"
     timeout 90 python3 -m gemma_serve.bench.quant_bench --prefetch-tiles --out "$OUT/prefetch-tiles.json" \
         > "$OUT/prefetch-tiles.log" 2>&1
     grep "int8 one token" "$OUT/prefetch-tiles.log"
-    for t in 2 5 3 5 2; do
-        GEMMA_GEMV_PREFETCH_TILES=$t timeout 60 python3 -m gemma_serve.bench.engine_bench --workloads W1 \
-            --quantization none,int8 --out "$OUT/w1-tiles$t-$SECONDS.json" > "$OUT/w1-tiles$t-$SECONDS.log" 2>&1
-        echo "tiles=$t: $(ls -t "$OUT"/w1-tiles$t-*.log | head -1 | xargs grep -h '^W1' | awk '{print $5, $6}' | tr '\n' ' ')"
+    # tiles:programs-per-SM threshold (8 takes o's and down's 640 programs in too).
+    # One log for all runs: the device returns at most 8 files.
+    for v in 2:4 5:4 5:8 5:4 2:4; do
+        t=${v%:*}; p=${v#*:}
+        echo "== GEMMA_GEMV_PREFETCH_TILES=$t GEMMA_GEMV_PREFETCH_PER_SM=$p" >> "$OUT/w1-tiles.log"
+        GEMMA_GEMV_PREFETCH_TILES=$t GEMMA_GEMV_PREFETCH_PER_SM=$p timeout 60 python3 -m gemma_serve.bench.engine_bench \
+            --workloads W1 --quantization int8 > "$OUT/w1-run.log" 2>&1
+        grep -v -i warn "$OUT/w1-run.log" >> "$OUT/w1-tiles.log"
+        echo "tiles=$t per_sm=$p: $(grep -h '^W1' "$OUT/w1-run.log" | awk '{print $5, $6}')"
     done
+    rm -f "$OUT/w1-run.log"
     ;;
 *)
     echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7" >&2

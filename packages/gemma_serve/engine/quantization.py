@@ -317,6 +317,9 @@ MAX_PREFETCH_TILES = 5
 GEMV_PREFETCH_TILES = int(os.environ.get("GEMMA_GEMV_PREFETCH_TILES", "2"))
 if not 2 <= GEMV_PREFETCH_TILES <= MAX_PREFETCH_TILES:
     raise ValueError(f"GEMMA_GEMV_PREFETCH_TILES={GEMV_PREFETCH_TILES}: use 2 to {MAX_PREFETCH_TILES}")
+# ... for grids of fewer than this many programs per SM (4: INT8 qkv's 512 programs on 132 SMs, not
+# o's and down's 640; GEMMA_GEMV_PREFETCH_PER_SM=8 takes those in too, for measuring).
+GEMV_PREFETCH_PER_SM = int(os.environ.get("GEMMA_GEMV_PREFETCH_PER_SM", "4"))
 # The one-token kernel takes up to 4 tokens at once (each weight tile read once for all): 8-bit
 # weights at 2..GEMMA_FEW_TOKEN_ROWS rows run on it instead of the matrix-unit kernel, which is no
 # faster than cuBLAS on bf16 there (H200, the layers' projections at 2 / 3 / 4 rows: 1.375 / 1.646 /
@@ -946,7 +949,7 @@ def prefetch_applies(programs: int, tokens: int, even_k: bool, widen: int, devic
     4.3 against 5.1 us; the projections with more programs were slower with it (docs/benchmarks.md,
     seventh and eighth runs)."""
     return (GEMV_PREFETCH and tokens == 1 and even_k and widen == _WIDEN_INT8_HALF2
-            and programs < 4 * _num_sms(device_index))
+            and programs < GEMV_PREFETCH_PER_SM * _num_sms(device_index))
 
 
 def _prefetch_tiles(prefetch: bool | int | None, programs: int, tokens: int, even_k: bool, widen: int,
