@@ -1,23 +1,22 @@
 #!/usr/bin/env bash
-# GPU calls of the eleventh and twelfth runs, and the next session's. Each writes under $OUT (default
+# GPU calls of the eleventh to thirteenth runs, and the next session's. Each writes under $OUT (default
 # bench-out/; the device returns at most 8 files a call); docs/benchmarks.md names the call behind
 # every figure.
 #
-#   OUT=/some/dir bash bench/gpu_next.sh 6     (next session first, ~8 minutes on an H200)
-#     the whole GPU suite on the final code (the twelfth run ran tests/gpu/test_quantization.py on it,
-#     the rest on 27ee770), then W2 with 512- against 1024-key decode nodes, one engine per run
-#     (1024 was 0.5-3.4 us a layer faster in the twelfth run's decode sweep).
-#   OUT=/some/dir bash bench/gpu_next.sh 7     (~5 minutes)
-#     INT8 one-token kernel with 3-5 weight tiles in flight per program (GEMMA_GEMV_PREFETCH_TILES):
-#     tests, a per-projection sweep, W1 A/B. INT8 1.6x needs ~0.08 ms less a step; qkv is at 56% of
-#     its copy bound with 2 tiles.
-#   OUT=/some/dir bash bench/gpu_next.sh 2     (~6 minutes)
+#   OUT=/some/dir bash bench/gpu_next.sh 6     (~8 minutes on an H200)
+#     the whole GPU suite, then W2 with the default (1024-key) decode nodes against 512, one engine
+#     per run (the thirteenth run's A/B: 15,988 against 15,854 tok/s).
+#   OUT=/some/dir bash bench/gpu_next.sh 2     (~5 minutes)
 #     W1, W2 and W3, bf16 and INT8, in one engine_bench run, W2 three times per engine; then the
 #     linear layers at 1-4 tokens with INT8's 2048-wide K steps on and off (quant_bench).
 #
 #   1: the whole suite and the decode attention's tiles (twelfth run, on 27ee770)
 #   4: the 2048-wide INT8 K steps: tests, INT8 one-token tile sweep, W1 A/B (twelfth run)
 #   5: the final code's INT8 GPU tests and W1 (twelfth run)
+#   7: INT8 one-token kernel with 3-5 weight tiles in flight (GEMMA_GEMV_PREFETCH_TILES): tests, a
+#      per-projection sweep, W1 A/B (thirteenth run: slower than 2, dropped)
+#   8: the final code's INT8/FP8 GPU tests, the 1-4-token layers, W1 and an INT8 step profile
+#      (thirteenth run)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -73,7 +72,7 @@ case "${1:-1}" in
     timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu > "$OUT/gpu-tests.log" 2>&1
     tail -3 "$OUT/gpu-tests.log"
     timeout 270 python3 -m gemma_serve.bench.w2_variants --fresh-engines --repeats 2 \
-        --variants "base;node_len=1024" --out "$OUT/w2-node-len.json" > "$OUT/w2-node-len.log" 2>&1
+        --variants "base;node_len=512" --out "$OUT/w2-node-len.json" > "$OUT/w2-node-len.log" 2>&1
     grep -v -i warn "$OUT/w2-node-len.log" | tail -8
     ;;
 7)
@@ -99,8 +98,24 @@ case "${1:-1}" in
     done
     rm -f "$OUT/w1-run.log"
     ;;
+8)
+    # Thirteenth run's last call, on its final code (1024-key decode nodes; FP8 back on 1024-wide K
+    # steps): the INT8/FP8 GPU tests, the 1-4-token layers, W1, and where an INT8 W1 step's time goes.
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_quantization.py > "$OUT/gpu-tests-quant.log" 2>&1
+    tail -2 "$OUT/gpu-tests-quant.log"
+    timeout 60 python3 -m gemma_serve.bench.quant_bench --batch 1,2,3,4 --methods bf16,int8,fp8 \
+        --out "$OUT/few-token-final.json" > "$OUT/few-token-final.log" 2>&1
+    grep -E "^(bf16|int8|fp8) " "$OUT/few-token-final.log"
+    timeout 70 python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization none,int8 \
+        --out "$OUT/w1-final.json" > "$OUT/w1-final.log" 2>&1
+    grep -h '^W1' "$OUT/w1-final.log"
+    timeout 120 python3 -m gemma_serve.bench.step_profile --decode-only --decode 1:128:64 --quantization int8 \
+        --out "$OUT/int8-profile" > "$OUT/int8-profile.log" 2>&1
+    tail -30 "$OUT/int8-profile.log"
+    tar -C "$OUT" -czf "$OUT/int8-profile.tgz" int8-profile && rm -rf "$OUT/int8-profile"  # one file back
+    ;;
 *)
-    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7" >&2
+    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8" >&2
     exit 2
     ;;
 esac

@@ -253,6 +253,8 @@ def test_kernel_config_picks_the_one_token_kernel_and_splits_k_only_for_few_tile
         assert (quant.kernel_config(1, n, k, sms).block_k, quant.kernel_config(1, n, k, sms).num_warps) == (2048, 8)
         assert (quant.one_token_config(n, k).block_k, quant.one_token_config(n, k).num_warps) == (1024, 4)
     assert quant.kernel_config(1, 4096, 2560, sms).block_k == 512
+    if hasattr(torch, "float8_e4m3fn"):  # FP8 keeps 1024-wide steps (slower at 3-4 tokens with 2048)
+        assert quant.kernel_config(3, 2560, 10240, sms, torch.float8_e4m3fn).block_k == 1024
     with monkeypatch.context() as m:
         m.setattr(quant, "GEMV_WIDE_K_WARPS", 0)
         assert (quant.kernel_config(4, 2560, 10240, sms).block_k, quant.kernel_config(4, 2560, 10240, sms).num_warps) \

@@ -50,7 +50,8 @@ def test_each_knob_holds_during_its_run_only(checkpoints):
     assert set(KNOBS) == {"qkv_heads", "qkv_warps", "budget", "overlap_eager", "node_len"}
     from gemma_serve.engine import attention
 
-    undo = KNOBS["node_len"](None, "1024")  # a start-up knob: set before an engine is built
-    assert attention.MIN_DECODE_NODE_LEN == 1024 and attention.decode_node_len(1024) == 1024
+    default = attention.MIN_DECODE_NODE_LEN
+    undo = KNOBS["node_len"](None, "2048")  # a start-up knob: set before an engine is built
+    assert attention.MIN_DECODE_NODE_LEN == 2048 and attention.decode_node_len(1024) == 2048
     undo()
-    assert attention.MIN_DECODE_NODE_LEN == 512
+    assert attention.MIN_DECODE_NODE_LEN == default

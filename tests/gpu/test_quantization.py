@@ -59,7 +59,7 @@ def test_kernel_matches_float64_reference(method, m, n, k):
     q, scale = quantized(n, k, method, seed=n + k)
     x = torch.randn(m, k, device="cuda", generator=torch.Generator(device="cuda").manual_seed(m)).bfloat16()
     out = quant.triton_weight_only_linear(x, q, scale)
-    cfg = quant.kernel_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+    cfg = quant.kernel_config(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count, q.dtype)
     assert out.shape == (m, n) and out.dtype == torch.bfloat16
     assert not out.isnan().any()
     err = rel_err(out, reference(x, q, scale))

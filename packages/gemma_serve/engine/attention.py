@@ -255,7 +255,10 @@ MAX_DECODE_NODES = 16
 # 640, but 55 against 50 us at 64 x 640; W2 (`w2_variants --fresh-engines`, node_len=512)
 # 15,667 / 15,664 tok/s against 15,125 / 15,497. One program per row (all its nodes, no combine)
 # was slower at every batch of 128+ (145-222 us), and is on branch `s11-experiments`.
-MIN_DECODE_NODE_LEN = 512
+# Twelfth/thirteenth runs: 1024-key nodes 131.7 / 190.6 / 83.2 / 54.3 us on the same four shapes
+# (0.5-3.4 us faster than 512) and W2 15,993 / 15,983 tok/s against 15,785 / 15,924 (one engine per
+# run). Small batches take leaf mode either way, so W1 does not see the node length.
+MIN_DECODE_NODE_LEN = 1024
 DECODE_BLOCK_N = 32
 DECODE_STAGES = 3
 # Leaf mode (one program per leaf) while the batch leaves SMs idle in node mode: up to this many

@@ -192,7 +192,8 @@ class QuantizedLinear(nn.Module):
         if not (_triton_rows(x) and 1 <= rows <= min(max_rows, FEW_TOKEN_ROWS)):
             return None
         n, k = self.weight.shape
-        return OneTokenPlan(self.weight, self.scale, kernel_config(1, n, k, _num_sms(x.device.index or 0)))
+        return OneTokenPlan(self.weight, self.scale,
+                            kernel_config(1, n, k, _num_sms(x.device.index or 0), self.weight.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.method}"
@@ -331,11 +332,12 @@ FEW_TOKEN_ROWS = min(int(os.environ.get("GEMMA_FEW_TOKEN_ROWS", "4")), FEW_TOKEN
 BF16_FEW_TOKEN_ROWS = min(int(os.environ.get("GEMMA_BF16_FEW_TOKEN_ROWS", "1")), FEW_TOKEN_MAX_ROWS)
 
 
-# 8-bit weights on the one-token kernel, where 2048 divides K (o and down): 2048-wide K steps on
+# INT8 weights on the one-token kernel, where 2048 divides K (o and down): 2048-wide K steps on
 # this many warps (GEMMA_GEMV_WIDE_K), twice the weight bytes in flight per program of the 1024-wide
 # step on 4 warps (0). On an H200: W1 INT8 616.0-616.5 tok/s against 593.7-593.9 (8 warps; 604.1 on
 # 4), down 7.9 against 9.7 us a layer. 16-bit weights keep 1024 (W1 bf16 382 against 407 with 2048
-# on 8 warps; docs/benchmarks.md, twelfth run).
+# on 8 warps; docs/benchmarks.md, twelfth run), and so does FP8: its layers took 3.45 / 4.24 ms
+# against 2.90 / 3.92 at 3 / 4 tokens with the wide steps, for 1.64 against 1.67 at one (thirteenth).
 _WIDE_K = os.environ.get("GEMMA_GEMV_WIDE_K", "8")
 if _WIDE_K not in ("0", "4", "8"):
     raise ValueError(f"GEMMA_GEMV_WIDE_K={_WIDE_K!r}: use 8 or 4 (warps of a 2048-wide K step) or 0 (1024-wide steps)")
@@ -469,7 +471,7 @@ def check_half2(model: nn.Module) -> bool:
         exact = q[:rows].double() * scale[:rows].double()[:, None]
         # One token (one asm block) and two (the other); more tokens run the same code as two.
         for m in (1, 2) if FEW_TOKEN_ROWS >= 2 else (1,):
-            cfg = kernel_config(m, n, k, _num_sms(q.device.index or 0))
+            cfg = kernel_config(m, n, k, _num_sms(q.device.index or 0), q.dtype)
             if cfg.block_m != 1 or not half2_applies(cfg, q):
                 continue
             x = torch.randn(m, k, device=q.device, generator=gen).bfloat16()
@@ -511,11 +513,11 @@ def _pow2_at_least(n: int, low: int) -> int:
     return max(low, 1 << max(0, (n - 1).bit_length()))
 
 
-def kernel_config(m: int, n: int, k: int, num_sms: int) -> KernelConfig:
+def kernel_config(m: int, n: int, k: int, num_sms: int, weight_dtype: torch.dtype = torch.int8) -> KernelConfig:
     """Tile shapes for an [m, k] x [k, n] product, picked from the sweep of `gemma_serve.bench.quant_bench`
     on an H200 (docs/benchmarks.md). Decode sizes are bound by streaming the weights: up to
     FEW_TOKEN_ROWS tokens run on the FMA units with 4-8 output rows per program and 4 KB of weights
-    per step of its K loop, 8 KB where 2048 divides K (GEMV_WIDE_K_WARPS; thousands of programs keep
+    per step of its K loop, 8 KB for INT8 where 2048 divides K (GEMV_WIDE_K_WARPS; thousands of programs keep
     every SM's loads in flight; K tiles that divide K, a ragged tile costs more than it saves); up
     to 16 tokens use narrow output tiles on the matrix units with long K tiles, and split K when the output has too few tiles to give every
     SM two programs. Larger m tiles the tokens too, as a plain matmul does."""
@@ -524,8 +526,8 @@ def kernel_config(m: int, n: int, k: int, num_sms: int) -> KernelConfig:
     if m <= FEW_TOKEN_ROWS:  # the one-token kernel (1 .. 4 tokens)
         block_m, warps, stages = 1, 4, 2
         block_n, block_k = (4, 1024) if k % 1024 == 0 else (8, 512)
-        if GEMV_WIDE_K_WARPS > 0 and k % 2048 == 0:  # every row count alike: a row's sums must not
-            block_k, warps = 2048, GEMV_WIDE_K_WARPS  # depend on the batch
+        if GEMV_WIDE_K_WARPS > 0 and k % 2048 == 0 and weight_dtype == torch.int8:  # every row count
+            block_k, warps = 2048, GEMV_WIDE_K_WARPS  # alike: a row's sums must not depend on the batch
     elif m <= 16:
         block_m, warps, stages = 16, 4, 3
         if n >= 8192 or k > 4096:  # gate_up, and down (split K: its 2560 outputs make few tiles)
@@ -1001,7 +1003,7 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
     y = torch.empty((m, n_out), dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n_out)
-    cfg = config or kernel_config(m, n, k, _num_sms(x.device.index or 0))
+    cfg = config or kernel_config(m, n, k, _num_sms(x.device.index or 0), qweight.dtype)
     widen = _WIDEN_CONVERT
     if scale is None and (qweight.dtype != x.dtype or (cfg.block_m == 1 and qweight.element_size() != 2)):
         raise ValueError(f"a weight without scales must have x's dtype ({x.dtype}, got {qweight.dtype}), and be "
