@@ -110,6 +110,9 @@ def test_quantize_model_swaps_the_layer_matrices_and_the_embedding_table(checkpo
     swapped = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
     assert len(swapped) == 4 * len(model.layers)  # qkv, o, gate_up, down in every layer
     assert not any(isinstance(m, nn.Linear) for m in model.layers.modules())
+    # The projections whose next kernel can add K-split sums (GEMMA_GEMV_SPLITS): all but gate_up.
+    assert [n for n in swapped if model.get_submodule(n).consumer_adds_splits] == [
+        n for n in swapped if not n.endswith("gate_up_proj")]
     assert "int8 weight-only quantization of 16 linear layers" in caplog.text
     float_model = engine_for(folder).runner.model
     vocab, hidden = float_model.embed_tokens.weight.shape
@@ -234,6 +237,30 @@ def test_quantize_lm_head_reaches_the_engine_config():
     assert engine_config(ServingSettings(quantization="int8")).quantize_lm_head is True
     settings = ServingSettings.load({"quantization": "int8"}, environ={"GEMMA_SERVE_QUANTIZE_LM_HEAD": "false"})
     assert engine_config(settings).quantize_lm_head is False
+
+
+def test_kernel_config_splits_k_for_a_consumer_that_adds_the_splits(monkeypatch):
+    """GEMMA_GEMV_SPLITS (programs per SM) splits the one-token kernel's K for the projections whose
+    next kernel adds the splits: the same tile at 1-4 tokens (batch invariance), no split left
+    empty, and nothing changes while the switch is 0 (the default) or for other projections."""
+    sms = 132
+    shapes = {"qkv": (4096, 2560), "o": (2560, 2048), "down": (2560, 10240), "odd": (100, 72)}
+    assert quant.GEMV_SPLITS_PER_SM == 0  # off unless asked for
+    for n, k in shapes.values():
+        assert quant.kernel_config(1, n, k, sms, consumer_adds_splits=True) == quant.kernel_config(1, n, k, sms)
+    monkeypatch.setattr(quant, "GEMV_SPLITS_PER_SM", 16)
+    got = {name: quant.kernel_config(1, n, k, sms, consumer_adds_splits=True) for name, (n, k) in shapes.items()}
+    assert (got["qkv"].block_n, got["qkv"].block_k, got["qkv"].split_k) == (8, 512, 5)  # 2,560 programs
+    assert (got["o"].block_k, got["o"].num_warps, got["o"].split_k) == (1024, 4, 2)  # 2048 would be one tile
+    assert (got["down"].block_k, got["down"].split_k) == (2048, 3)  # 5 tiles as 2 + 2 + 1
+    for name, (n, k) in shapes.items():
+        cfg = got[name]
+        k_tiles = -(-k // cfg.block_k)
+        assert 1 <= cfg.split_k <= k_tiles and (cfg.split_k - 1) * -(-k_tiles // cfg.split_k) < k_tiles, name
+        for m in range(2, quant.FEW_TOKEN_ROWS + 1):
+            assert quant.kernel_config(m, n, k, sms, consumer_adds_splits=True) == cfg
+        assert quant.kernel_config(1, n, k, sms).split_k == 1  # only where the consumer adds them
+    assert quant.kernel_config(16, 2560, 10240, sms, consumer_adds_splits=True) == quant.kernel_config(16, 2560, 10240, sms)
 
 
 def test_kernel_config_picks_the_one_token_kernel_and_splits_k_only_for_few_tiles(monkeypatch):

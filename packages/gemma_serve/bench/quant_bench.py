@@ -371,6 +371,54 @@ def prefetch_tiles_sweep(copy_gbps: float, layers: int) -> list[dict]:
     return rows
 
 
+def one_token_splits_sweep(copy_gbps: float, layers: int) -> list[dict]:
+    """One token, INT8 weights (half2 where it applies), qkv / o / down: K split across 1-5 programs
+    per output tile, timed with the kernel that adds the splits and without it (the GEMV alone). The
+    GEMV alone is what a projection would cost if the kernel after it (QK-norm + RoPE, add + norm)
+    added the float32 splits itself: no extra launch. qkv (512 programs) and o (640) leave most SMs
+    with a few KB of loads in flight; splitting K multiplies the programs without shrinking tiles."""
+    xs = inputs(1)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = [(8, 512, 4, 2), (4, 512, 4, 2), (4, 1024, 4, 2), (8, 1024, 8, 2), (4, 2048, 8, 2), (16, 512, 8, 2)]
+    rows = []
+    for name in ("qkv", "o", "down"):
+        n, k = SHAPES[name]
+        int8 = make_weights("int8", {name: (n, k)}, layers)
+        bound_us = weight_bytes(int8) / (copy_gbps * 1e9) * 1e6 / layers
+        engine = quant.kernel_config(1, n, k, sms)
+        timed = []
+        for block_n, block_k, warps, stages in tiles:
+            if k % block_k:
+                continue
+            for split in range(1, min(5, k // block_k) + 1):
+                cfg = quant.KernelConfig(1, block_n, block_k, split, warps, stages)
+
+                def run(cfg: quant.KernelConfig = cfg, partials: bool = False, weights: list[dict] = int8,
+                        name: str = name, k: int = k) -> None:
+                    for layer in weights:
+                        quant.triton_weight_only_linear(xs[k], *layer[name], cfg, out_dtype=torch.float32,
+                                                        partials=partials)
+                try:
+                    alone = graph_ms(lambda cfg=cfg: run(cfg, True)) * 1e3 / layers
+                    summed = graph_ms(lambda cfg=cfg: run(cfg, False)) * 1e3 / layers
+                except Exception as exc:  # a tile that does not compile is reported, not fatal
+                    print(f"  {name} {cfg}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                    continue
+                timed.append(dict(config=asdict(cfg), gemv_us=alone, with_sum_us=summed))
+        timed.sort(key=lambda r: r["gemv_us"])
+        rows.append(dict(shape=name, n=n, k=k, bound_us=bound_us, engine_config=asdict(engine), timed=timed))
+        top = ", ".join(f"{r['config']['block_n']}x{r['config']['block_k']} w{r['config']['num_warps']} "
+                        f"split {r['config']['split_k']}: {r['gemv_us']:.2f} us ({100 * bound_us / r['gemv_us']:.1f}%; "
+                        f"{r['with_sum_us']:.2f} with the sum)" for r in timed[:4])
+        now = [r["gemv_us"] for r in timed if r["config"] == asdict(engine)]
+        now_text = f"{now[0]:.2f} us" if now else "not timed"
+        print(f"int8 one token {name:5s} bound {bound_us:5.2f} us; engine tile {engine.block_n}x{engine.block_k} "
+              f"w{engine.num_warps} unsplit {now_text}; fastest GEMVs alone: {top}", flush=True)
+        del int8
+        torch.cuda.empty_cache()
+    return rows
+
+
 def gemv_variants(copy_gbps: float, layers: int) -> list[dict]:
     """One token through every layer's four projections, as a decode step runs them (qkv, o,
     gate_up with its GELU, down), bf16 and INT8 weights: with the GELU kernel after gate_up, with
@@ -467,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --int8-gemv: only these widenings, e.g. half2 (default: all)")
     parser.add_argument("--prefetch-tiles", action="store_true",
                         help="only: one token on INT8 weights, each projection with 1-5 weight tiles in flight")
+    parser.add_argument("--one-token-splits", action="store_true",
+                        help="only: one token on INT8 weights, qkv / o / down with K split 1-5 ways, the GEMV "
+                             "alone and with the kernel that adds the splits")
     parser.add_argument("--gemv-variants", action="store_true",
                         help="only: one token through each layer's projections, one change of the kernel at a time")
     parser.add_argument("--bf16-matrix", default="",
@@ -486,7 +537,10 @@ def main(argv: list[str] | None = None) -> int:
                     "layers": args.layers, "stack": []}
     print(f"device {report['device']}: copy {copy:.0f} GB/s (read+write); {args.layers} layers x "
           f"{', '.join(f'{k} {n}x{kk}' for k, (n, kk) in SHAPES.items())}", flush=True)
-    if args.bf16_gemv or args.int8_gemv or args.gemv_variants or args.bf16_matrix or args.prefetch_tiles:
+    if (args.bf16_gemv or args.int8_gemv or args.gemv_variants or args.bf16_matrix or args.prefetch_tiles
+            or args.one_token_splits):
+        if args.one_token_splits:
+            report["one_token_splits"] = one_token_splits_sweep(copy, args.layers)
         if args.prefetch_tiles:
             report["prefetch_tiles"] = prefetch_tiles_sweep(copy, args.layers)
         if args.bf16_matrix:
