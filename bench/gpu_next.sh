@@ -3,11 +3,13 @@
 # bench-out/; the device returns at most 8 files a call); docs/benchmarks.md names the call behind
 # every figure.
 #
-#   OUT=/some/dir bash bench/gpu_next.sh 9     (next session first, ~6 minutes on an H200)
-#     INT8 K splits added by the kernel after the GEMV (GEMMA_GEMV_SPLITS, written after the
-#     thirteenth run's device time ran out): its GPU tests, qkv / o / down with K split 1-5 ways
-#     with and without the adding kernel, then W1 INT8 A B C B A over GEMMA_GEMV_SPLITS 0 / 16 / 8.
-#     If it gains, make it the default and run case 6.
+#   OUT=/some/dir bash bench/gpu_next.sh 9     (next session first, ~5 minutes on an H200)
+#     K splits added by the kernel after the GEMV (GEMMA_GEMV_SPLITS, written after the thirteenth
+#     run's device time ran out): its GPU tests, then bf16 and INT8 qkv / o / down with K split 1-5
+#     ways, with and without the adding kernel (quant_bench --one-token-splits).
+#   OUT=/some/dir bash bench/gpu_next.sh 10    (~6 minutes)
+#     W1 bf16 + INT8, A B C B A over GEMMA_GEMV_SPLITS 0 / 16 / 8. If it gains, make it the default
+#     and run case 6.
 #   OUT=/some/dir bash bench/gpu_next.sh 6     (~8 minutes)
 #     the whole GPU suite, then W2 with the default (1024-key) decode nodes against 512, one engine
 #     per run (the thirteenth run's A/B: 15,988 against 15,854 tok/s).
@@ -120,23 +122,25 @@ case "${1:-1}" in
     tar -C "$OUT" -czf "$OUT/int8-profile.tgz" int8-profile && rm -rf "$OUT/int8-profile"  # one file back
     ;;
 9)
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_fused_kernels.py tests/gpu/test_quantization.py \
-        -k "split or partials" > "$OUT/gpu-tests-splits.log" 2>&1
+    timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_fused_kernels.py tests/gpu/test_quantization.py \
+        -k "split or partials or several_tiles" > "$OUT/gpu-tests-splits.log" 2>&1
     tail -2 "$OUT/gpu-tests-splits.log"
-    timeout 120 python3 -m gemma_serve.bench.quant_bench --one-token-splits --out "$OUT/one-token-splits.json" \
+    timeout 200 python3 -m gemma_serve.bench.quant_bench --one-token-splits --out "$OUT/one-token-splits.json" \
         > "$OUT/one-token-splits.log" 2>&1
-    grep "int8 one token" "$OUT/one-token-splits.log"
+    grep "one token" "$OUT/one-token-splits.log"
+    ;;
+10)
     for v in 0 16 8 16 0; do  # one log for all runs: the device returns at most 8 files
         echo "== GEMMA_GEMV_SPLITS=$v" >> "$OUT/w1-splits.log"
-        GEMMA_GEMV_SPLITS=$v timeout 60 python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization int8 \
-            > "$OUT/w1-run.log" 2>&1
+        GEMMA_GEMV_SPLITS=$v timeout 80 python3 -m gemma_serve.bench.engine_bench --workloads W1 \
+            --quantization none,int8 > "$OUT/w1-run.log" 2>&1
         grep -v -i warn "$OUT/w1-run.log" >> "$OUT/w1-splits.log"
-        echo "splits=$v: $(grep -h '^W1' "$OUT/w1-run.log" | awk '{print $5, $6}')"
+        echo "splits=$v: $(grep -h '^W1' "$OUT/w1-run.log" | awk '{print $5, $6}' | tr '\n' ' ')"
     done
     rm -f "$OUT/w1-run.log"
     ;;
 *)
-    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 9" >&2
+    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 9 | 10" >&2
     exit 2
     ;;
 esac

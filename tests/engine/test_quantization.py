@@ -4,6 +4,7 @@ table against the float ones, an INT8 engine on the tiny models (with and withou
 head quantized) against the float32 and bf16 engines and against its own dequantized weights, and
 clear errors at engine start."""
 
+import dataclasses
 import gc
 import logging
 import weakref
@@ -115,6 +116,8 @@ def test_quantize_model_swaps_the_layer_matrices_and_the_embedding_table(checkpo
         n for n in swapped if not n.endswith("gate_up_proj")]
     assert "int8 weight-only quantization of 16 linear layers" in caplog.text
     float_model = engine_for(folder).runner.model
+    assert [n for n, m in float_model.named_modules() if getattr(m, "consumer_adds_splits", False)] == [
+        n for n in swapped if not n.endswith("gate_up_proj")]  # OneTokenLinear: the same ones
     vocab, hidden = float_model.embed_tokens.weight.shape
     if lm_head:
         table = model.embed_tokens
@@ -261,6 +264,14 @@ def test_kernel_config_splits_k_for_a_consumer_that_adds_the_splits(monkeypatch)
             assert quant.kernel_config(m, n, k, sms, consumer_adds_splits=True) == cfg
         assert quant.kernel_config(1, n, k, sms).split_k == 1  # only where the consumer adds them
     assert quant.kernel_config(16, 2560, 10240, sms, consumer_adds_splits=True) == quant.kernel_config(16, 2560, 10240, sms)
+    # 16-bit weights (one token): their own tiles, split the same way.
+    bf16 = {name: quant.one_token_config(n, k, True, sms) for name, (n, k) in shapes.items()}
+    assert [(c.block_n, c.block_k, c.split_k) for c in (bf16["qkv"], bf16["o"], bf16["down"])] == [
+        (4, 512, 3), (4, 1024, 2), (4, 1024, 4)]
+    for name, (n, k) in shapes.items():
+        assert quant.splits_all_nonempty(bf16[name], k)
+        assert dataclasses.replace(bf16[name], split_k=1) == quant.one_token_config(n, k)
+        assert quant.one_token_config(n, k, True) == quant.one_token_config(n, k)  # no SM count: unsplit
 
 
 def test_kernel_config_picks_the_one_token_kernel_and_splits_k_only_for_few_tiles(monkeypatch):

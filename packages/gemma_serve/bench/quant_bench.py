@@ -372,50 +372,59 @@ def prefetch_tiles_sweep(copy_gbps: float, layers: int) -> list[dict]:
 
 
 def one_token_splits_sweep(copy_gbps: float, layers: int) -> list[dict]:
-    """One token, INT8 weights (half2 where it applies), qkv / o / down: K split across 1-5 programs
-    per output tile, timed with the kernel that adds the splits and without it (the GEMV alone). The
-    GEMV alone is what a projection would cost if the kernel after it (QK-norm + RoPE, add + norm)
-    added the float32 splits itself: no extra launch. qkv (512 programs) and o (640) leave most SMs
-    with a few KB of loads in flight; splitting K multiplies the programs without shrinking tiles."""
+    """One token, bf16 and INT8 weights (half2 where it applies), qkv / o / down: K split across 1-5
+    programs per output tile, timed with the kernel that adds the splits and without it (the GEMV
+    alone). The GEMV alone is what a projection costs when the kernel after it (QK-norm + RoPE, add +
+    norm) adds the float32 splits itself (GEMMA_GEMV_SPLITS): no extra launch. Small grids (INT8
+    qkv's 512 programs, o's and bf16 down's 640) leave most SMs a few KB of loads in flight;
+    splitting K multiplies the programs without shrinking tiles."""
     xs = inputs(1)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles = [(8, 512, 4, 2), (4, 512, 4, 2), (4, 1024, 4, 2), (8, 1024, 8, 2), (4, 2048, 8, 2), (16, 512, 8, 2)]
+    tiles = {"int8": [(8, 512, 4, 2), (4, 512, 4, 2), (4, 1024, 4, 2), (8, 1024, 8, 2), (4, 2048, 8, 2),
+                      (16, 512, 8, 2)],
+             "bf16": [(4, 512, 4, 3), (4, 1024, 4, 2), (8, 512, 4, 2), (2, 1024, 4, 2), (4, 512, 4, 2)]}
     rows = []
-    for name in ("qkv", "o", "down"):
-        n, k = SHAPES[name]
-        int8 = make_weights("int8", {name: (n, k)}, layers)
-        bound_us = weight_bytes(int8) / (copy_gbps * 1e9) * 1e6 / layers
-        engine = quant.kernel_config(1, n, k, sms)
-        timed = []
-        for block_n, block_k, warps, stages in tiles:
-            if k % block_k:
-                continue
-            for split in range(1, min(5, k // block_k) + 1):
-                cfg = quant.KernelConfig(1, block_n, block_k, split, warps, stages)
-
-                def run(cfg: quant.KernelConfig = cfg, partials: bool = False, weights: list[dict] = int8,
-                        name: str = name, k: int = k) -> None:
-                    for layer in weights:
-                        quant.triton_weight_only_linear(xs[k], *layer[name], cfg, out_dtype=torch.float32,
-                                                        partials=partials)
-                try:
-                    alone = graph_ms(lambda cfg=cfg: run(cfg, True)) * 1e3 / layers
-                    summed = graph_ms(lambda cfg=cfg: run(cfg, False)) * 1e3 / layers
-                except Exception as exc:  # a tile that does not compile is reported, not fatal
-                    print(f"  {name} {cfg}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+    for method in ("bf16", "int8"):
+        for name in ("qkv", "o", "down"):
+            n, k = SHAPES[name]
+            weights = make_weights(method, {name: (n, k)}, layers)
+            bound_us = weight_bytes(weights) / (copy_gbps * 1e9) * 1e6 / layers
+            engine = quant.one_token_config(n, k) if method == "bf16" else quant.kernel_config(1, n, k, sms)
+            timed = []
+            for block_n, block_k, warps, stages in tiles[method]:
+                if k % block_k:
                     continue
-                timed.append(dict(config=asdict(cfg), gemv_us=alone, with_sum_us=summed))
-        timed.sort(key=lambda r: r["gemv_us"])
-        rows.append(dict(shape=name, n=n, k=k, bound_us=bound_us, engine_config=asdict(engine), timed=timed))
-        top = ", ".join(f"{r['config']['block_n']}x{r['config']['block_k']} w{r['config']['num_warps']} "
-                        f"split {r['config']['split_k']}: {r['gemv_us']:.2f} us ({100 * bound_us / r['gemv_us']:.1f}%; "
-                        f"{r['with_sum_us']:.2f} with the sum)" for r in timed[:4])
-        now = [r["gemv_us"] for r in timed if r["config"] == asdict(engine)]
-        now_text = f"{now[0]:.2f} us" if now else "not timed"
-        print(f"int8 one token {name:5s} bound {bound_us:5.2f} us; engine tile {engine.block_n}x{engine.block_k} "
-              f"w{engine.num_warps} unsplit {now_text}; fastest GEMVs alone: {top}", flush=True)
-        del int8
-        torch.cuda.empty_cache()
+                for split in range(1, min(5, k // block_k) + 1):
+                    cfg = quant.KernelConfig(1, block_n, block_k, split, warps, stages)
+                    if not quant.splits_all_nonempty(cfg, k):
+                        continue
+
+                    def run(cfg: quant.KernelConfig = cfg, partials: bool = False, weights: list[dict] = weights,
+                            name: str = name, k: int = k) -> None:
+                        for layer in weights:
+                            w, scale = (layer[name], None) if method == "bf16" else layer[name]
+                            quant.triton_weight_only_linear(xs[k], w, scale, cfg, out_dtype=torch.float32,
+                                                            partials=partials)
+                    try:
+                        alone = graph_ms(lambda cfg=cfg: run(cfg, True)) * 1e3 / layers
+                        summed = graph_ms(lambda cfg=cfg: run(cfg, False)) * 1e3 / layers
+                    except Exception as exc:  # a tile that does not compile is reported, not fatal
+                        print(f"  {method} {name} {cfg}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                        continue
+                    timed.append(dict(config=asdict(cfg), gemv_us=alone, with_sum_us=summed))
+            timed.sort(key=lambda r: r["gemv_us"])
+            rows.append(dict(method=method, shape=name, n=n, k=k, bound_us=bound_us, engine_config=asdict(engine),
+                             timed=timed))
+            now = [r["gemv_us"] for r in timed if r["config"] == asdict(engine)]
+            now_text = f"{now[0]:.2f} us" if now else "not timed"
+            top = ", ".join(f"{r['config']['block_n']}x{r['config']['block_k']} w{r['config']['num_warps']} "
+                            f"s{r['config']['num_stages']} split {r['config']['split_k']}: {r['gemv_us']:.2f} us "
+                            f"({100 * bound_us / r['gemv_us']:.1f}%; {r['with_sum_us']:.2f} with the sum)"
+                            for r in timed[:4])
+            print(f"{method} one token {name:5s} bound {bound_us:5.2f} us; engine tile {engine.block_n}x"
+                  f"{engine.block_k} w{engine.num_warps} unsplit {now_text}; fastest GEMVs alone: {top}", flush=True)
+            del weights
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -516,8 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefetch-tiles", action="store_true",
                         help="only: one token on INT8 weights, each projection with 1-5 weight tiles in flight")
     parser.add_argument("--one-token-splits", action="store_true",
-                        help="only: one token on INT8 weights, qkv / o / down with K split 1-5 ways, the GEMV "
-                             "alone and with the kernel that adds the splits")
+                        help="only: one token on bf16 and INT8 weights, qkv / o / down with K split 1-5 ways, the "
+                             "GEMV alone and with the kernel that adds the splits")
     parser.add_argument("--gemv-variants", action="store_true",
                         help="only: one token through each layer's projections, one change of the kernel at a time")
     parser.add_argument("--bf16-matrix", default="",

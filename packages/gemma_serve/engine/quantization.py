@@ -292,21 +292,28 @@ class OneTokenLinear(nn.Linear):
 
     out_dtype: torch.dtype | None = None
     out_dtype_max_rows: int | None = None
+    consumer_adds_splits: bool = False  # as `QuantizedLinear`'s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = output_dtype(x, self.out_dtype, self.out_dtype_max_rows)
-        plan = self.one_token_plan(x, BF16_FEW_TOKEN_ROWS)
+        splits = self.consumer_adds_splits and GEMV_SPLITS_PER_SM > 0 and x.dim() == 2
+        plan = self.one_token_plan(x, BF16_FEW_TOKEN_ROWS, consumer_adds_splits=splits)
         if plan is not None:
+            if plan.config.split_k > 1:  # [splits, T, N] float32, for the kernel after this one
+                return triton_weight_only_linear(x, plan.weight, None, plan.config, out_dtype=torch.float32,
+                                                 partials=True)
             return triton_weight_only_linear(x, plan.weight, None, plan.config, out_dtype=out_dtype)
         return matmul(x, self.weight, out_dtype)
 
-    def one_token_plan(self, x: torch.Tensor, max_rows: int = 1) -> OneTokenPlan | None:
+    def one_token_plan(self, x: torch.Tensor, max_rows: int = 1, consumer_adds_splits: bool = False) -> OneTokenPlan | None:
         """The one-token kernel's arguments for x of 1 .. max_rows tokens, or None."""
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if not (ONE_TOKEN_GEMV and triton is not None and x.is_cuda and x.dtype == self.weight.dtype
                 and x.dtype in (torch.bfloat16, torch.float16) and 1 <= rows <= max_rows):
             return None
-        return OneTokenPlan(self.weight, None, one_token_config(*self.weight.shape))
+        n, k = self.weight.shape
+        sms = _num_sms(x.device.index or 0) if consumer_adds_splits else 0
+        return OneTokenPlan(self.weight, None, one_token_config(n, k, consumer_adds_splits, sms))
 
 
 ONE_TOKEN_GEMV = os.environ.get("GEMMA_ONE_TOKEN_GEMV", "1") == "1"
@@ -320,7 +327,7 @@ FUSED_GELU = os.environ.get("GEMMA_FUSED_GELU", "1") == "1"
 GEMV_EARLY_WEIGHTS = os.environ.get("GEMMA_GEMV_EARLY_WEIGHTS", "1")
 # The one-token kernel keeps several weight tiles in flight where its grid is small
 # (`prefetch_applies`); GEMMA_GEMV_PREFETCH=0 keeps one. GEMMA_GEMV_PREFETCH_TILES: how many (2, the
-# default: INT8 qkv 4.3 against 5.1 us on an H200; 3-5 not yet timed on a GPU).
+# default: INT8 qkv 4.3 against 5.1 us on an H200; 3-5 measured slower, 5.3-6.4 us, thirteenth run).
 GEMV_PREFETCH = os.environ.get("GEMMA_GEMV_PREFETCH", "1") == "1"
 MAX_PREFETCH_TILES = 5
 GEMV_PREFETCH_TILES = int(os.environ.get("GEMMA_GEMV_PREFETCH_TILES", "2"))
@@ -352,22 +359,28 @@ if _WIDE_K not in ("0", "4", "8"):
 GEMV_WIDE_K_WARPS = int(_WIDE_K)
 
 
-# INT8 projections whose output goes straight into a fused kernel that adds K-split float32 sums
-# as it reads them (qkv -> QK-norm/RoPE/cache write, o and down -> add + norm; `GemmaLayer.
-# split_consumers`): at 1-4 tokens, K split until the grid has this many programs per SM
-# (GEMMA_GEMV_SPLITS; 0, the default: no splits). qkv's 512 and o's 640 programs leave each SM a few
-# KB of loads in flight; splitting K multiplies programs without shrinking tiles, and the consumer
-# adds the splits, so no kernel is added (`quant_bench --one-token-splits` times the GEMV alone).
-# Not yet measured in the engine (thirteenth run: written after the device time ran out).
+# One-token projections (8-bit at 1-4 tokens, 16-bit at one) whose output goes straight into a fused
+# kernel that adds K-split float32 sums as it reads them (qkv -> QK-norm/RoPE/cache write, o and
+# down -> add + norm; `GemmaLayer.split_consumers`): K split until the grid has this many programs
+# per SM (GEMMA_GEMV_SPLITS; 0, the default: no splits), the same split at any row count. INT8 qkv's
+# 512 and o's 640 programs, bf16 o's and down's 640, leave each SM a few KB of loads in flight;
+# splitting K multiplies programs without shrinking tiles, and the consumer adds the splits, so no
+# kernel is added (`quant_bench --one-token-splits` times the GEMV alone). Not yet measured in the
+# engine (thirteenth run: written after the device time ran out).
 GEMV_SPLITS_PER_SM = int(os.environ.get("GEMMA_GEMV_SPLITS", "0"))
 
 
-def one_token_config(n: int, k: int) -> KernelConfig:
+def one_token_config(n: int, k: int, consumer_adds_splits: bool = False, num_sms: int = 0) -> KernelConfig:
     """Tiles of the one-token kernel on 16-bit weights, from `quant_bench --bf16-gemv` on an H200:
-    4 output rows per program, 1024-wide K steps in 2 stages where 1024 divides K, else 512 in 3."""
+    4 output rows per program, 1024-wide K steps in 2 stages where 1024 divides K, else 512 in 3.
+    consumer_adds_splits (GEMV_SPLITS_PER_SM > 0, num_sms given): K split as `kernel_config` does."""
     if k % 1024 == 0:
-        return KernelConfig(1, 4, 1024, 1, 4, 2)
-    return KernelConfig(1, 4, min(512, _pow2_at_least(k, 16)), 1, 4, 3)
+        cfg = KernelConfig(1, 4, 1024, 1, 4, 2)
+    else:
+        cfg = KernelConfig(1, 4, min(512, _pow2_at_least(k, 16)), 1, 4, 3)
+    if consumer_adds_splits and GEMV_SPLITS_PER_SM > 0 and num_sms > 0:
+        return _one_token_splits(n, k, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, num_sms)
+    return cfg
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -420,6 +433,7 @@ def quantize_model(model: nn.Module, method: str, out_dtype: torch.dtype | None 
                 one = OneTokenLinear(linear.in_features, linear.out_features, bias=False, device="meta")
                 one.weight = linear.weight
                 one.out_dtype = out_dtype
+                one.consumer_adds_splits = name in getattr(parent, "split_consumers", ())
                 setattr(parent, name, one)
         return
     before = model_weight_bytes(model)
@@ -587,10 +601,10 @@ def _one_token_splits(n: int, k: int, block_n: int, block_k: int, warps: int, st
     split = 1
     while tiles * split < GEMV_SPLITS_PER_SM * num_sms and split < k_tiles:
         split += 1
-    # Splits of whole, equal runs of K tiles: none is left empty.
-    while split > 1 and (split - 1) * -(-k_tiles // split) >= k_tiles:
-        split -= 1
-    return KernelConfig(1, block_n, block_k, split, warps, stages)
+    cfg = KernelConfig(1, block_n, block_k, split, warps, stages)
+    while not splits_all_nonempty(cfg, k):  # splits of whole, equal runs of K tiles: none left empty
+        cfg = KernelConfig(1, block_n, block_k, cfg.split_k - 1, warps, stages)
+    return cfg
 
 
 @functools.lru_cache(maxsize=None)
@@ -1009,6 +1023,13 @@ def _prefetch_tiles(prefetch: bool | int | None, programs: int, tokens: int, eve
     return tiles
 
 
+def splits_all_nonempty(cfg: KernelConfig, k: int) -> bool:
+    """Whether every K split of the one-token kernel gets at least one K tile (what reading the
+    first tile before the PDL wait needs)."""
+    k_tiles = -(-k // cfg.block_k)
+    return (cfg.split_k - 1) * -(-k_tiles // cfg.split_k) < k_tiles
+
+
 def half2_applies(cfg: KernelConfig, qweight: torch.Tensor) -> bool:
     """Whether the half2 INT8 path can take this one-token tile. Its inline PTX sums 16 weights of
     a pack, so a pack must hold 16 consecutive weights of one row: Triton gives each thread one
@@ -1073,7 +1094,7 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
                                                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                                      EVEN_K=even_k, WIDEN=widen, HAS_SCALE=scale is not None,
                                                      GELU_MUL=gelu_mul, num_warps=cfg.num_warps,
-                                                     EARLY_W=(even_k and cfg.split_k == 1 and (
+                                                     EARLY_W=(even_k and splits_all_nonempty(cfg, k) and (
                                                          GEMV_EARLY_WEIGHTS == "all" or (GEMV_EARLY_WEIGHTS == "1" and (
                                                              scale is None or widen == _WIDEN_INT8_HALF2)))),
                                                      PREFETCH=_prefetch_tiles(prefetch, grid[0] * cfg.split_k, m,
