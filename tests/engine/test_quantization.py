@@ -7,7 +7,11 @@ clear errors at engine start."""
 import dataclasses
 import gc
 import logging
+import os
+import subprocess
+import sys
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -310,3 +314,11 @@ def test_kernel_config_picks_the_one_token_kernel_and_splits_k_only_for_few_tile
             # Every share of K holds at least one tile.
             assert -(-k // cfg.block_k) >= cfg.split_k
 
+
+
+@pytest.mark.parametrize("value", ["-1", "many"])
+def test_a_bad_gemv_splits_setting_is_refused_at_import(value):
+    env = dict(os.environ, GEMMA_GEMV_SPLITS=value, PYTHONPATH=str(Path(quant.__file__).parents[2]))
+    done = subprocess.run([sys.executable, "-c", "import gemma_serve.engine.quantization"], env=env,
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and f"GEMMA_GEMV_SPLITS={value!r}: use a number of programs per SM" in done.stderr

@@ -367,7 +367,10 @@ GEMV_WIDE_K_WARPS = int(_WIDE_K)
 # splitting K multiplies programs without shrinking tiles, and the consumer adds the splits, so no
 # kernel is added (`quant_bench --one-token-splits` times the GEMV alone). Not yet measured in the
 # engine (thirteenth run: written after the device time ran out).
-GEMV_SPLITS_PER_SM = int(os.environ.get("GEMMA_GEMV_SPLITS", "0"))
+_SPLITS = os.environ.get("GEMMA_GEMV_SPLITS", "0")
+if not _SPLITS.isdigit():
+    raise ValueError(f"GEMMA_GEMV_SPLITS={_SPLITS!r}: use a number of programs per SM (e.g. 16), or 0 for no splits")
+GEMV_SPLITS_PER_SM = int(_SPLITS)
 
 
 def one_token_config(n: int, k: int, consumer_adds_splits: bool = False, num_sms: int = 0) -> KernelConfig:
