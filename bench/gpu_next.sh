@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
-# GPU calls of the eleventh to thirteenth runs, and the next session's. Each writes under $OUT (default
+# GPU calls of the eleventh to fourteenth runs, and the next session's. Each writes under $OUT (default
 # bench-out/; the device returns at most 8 files a call); docs/benchmarks.md names the call behind
 # every figure.
 #
-#   OUT=/some/dir bash bench/gpu_next.sh 9     (next session first, ~5 minutes on an H200)
-#     K splits added by the kernel after the GEMV (GEMMA_GEMV_SPLITS, written after the thirteenth
-#     run's device time ran out): its GPU tests, then bf16 and INT8 qkv / o / down with K split 1-5
-#     ways, with and without the adding kernel (quant_bench --one-token-splits).
-#   OUT=/some/dir bash bench/gpu_next.sh 10    (~6 minutes)
-#     W1 bf16 + INT8, A B C B A over GEMMA_GEMV_SPLITS 0 / 16 / 8. If it gains, make it the default
-#     and run case 6.
+#   OUT=/some/dir bash bench/gpu_next.sh 11    (fourteenth run, ~3 minutes on an H200)
+#     every unsplit one-token tile per projection, bf16 and INT8 (quant_bench --one-token-tiles), then
+#     W1 with the engine's tiles against the fastest (bench/w1_tile_ab.py), A B A B.
+#   OUT=/some/dir bash bench/gpu_next.sh 12    (~7 minutes)
+#     the final code's whole GPU suite, the 1-4-token layers, W1.
 #   OUT=/some/dir bash bench/gpu_next.sh 6     (~8 minutes)
 #     the whole GPU suite, then W2 with the default (1024-key) decode nodes against 512, one engine
 #     per run (the thirteenth run's A/B: 15,988 against 15,854 tok/s).
@@ -24,6 +22,8 @@
 #      per-projection sweep, W1 A/B (thirteenth run: slower than 2, dropped)
 #   8: the final code's INT8/FP8 GPU tests, the 1-4-token layers, W1 and an INT8 step profile
 #      (thirteenth run)
+#   9, 10 (fourteenth run, on branch gemv-splits): K splits added by the kernel after the GEMV
+#      (GEMMA_GEMV_SPLITS): 1-2% slower on W1, removed
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -121,26 +121,37 @@ case "${1:-1}" in
     tail -30 "$OUT/int8-profile.log"
     tar -C "$OUT" -czf "$OUT/int8-profile.tgz" int8-profile && rm -rf "$OUT/int8-profile"  # one file back
     ;;
-9)
-    timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_fused_kernels.py tests/gpu/test_quantization.py \
-        -k "split or partials or several_tiles" > "$OUT/gpu-tests-splits.log" 2>&1
-    tail -2 "$OUT/gpu-tests-splits.log"
-    timeout 200 python3 -m gemma_serve.bench.quant_bench --one-token-splits --out "$OUT/one-token-splits.json" \
-        > "$OUT/one-token-splits.log" 2>&1
-    grep "one token" "$OUT/one-token-splits.log"
-    ;;
-10)
-    for v in 0 16 8 16 0; do  # one log for all runs: the device returns at most 8 files
-        echo "== GEMMA_GEMV_SPLITS=$v" >> "$OUT/w1-splits.log"
-        GEMMA_GEMV_SPLITS=$v timeout 80 python3 -m gemma_serve.bench.engine_bench --workloads W1 \
-            --quantization none,int8 > "$OUT/w1-run.log" 2>&1
-        grep -v -i warn "$OUT/w1-run.log" >> "$OUT/w1-splits.log"
-        echo "splits=$v: $(grep -h '^W1' "$OUT/w1-run.log" | awk '{print $5, $6}' | tr '\n' ' ')"
+11)
+    # Every unsplit one-token tile per projection (bf16, INT8), then W1 with the engine's tiles (A)
+    # against the fastest ones (B, bench/w1_tile_ab.py), A B A B in one log.
+    timeout 240 python3 -m gemma_serve.bench.quant_bench --one-token-tiles --out "$OUT/one-token-tiles.json" \
+        > "$OUT/one-token-tiles.log" 2>&1
+    grep "one token" "$OUT/one-token-tiles.log"
+    for v in A B A B; do
+        echo "== $v" >> "$OUT/w1-tiles.log"
+        if [ "$v" = A ]; then
+            timeout 80 python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization none,int8 > "$OUT/w1-run.log" 2>&1
+        else
+            timeout 80 python3 bench/w1_tile_ab.py --tiles "$OUT/one-token-tiles.json" -- --workloads W1 \
+                --quantization none,int8 > "$OUT/w1-run.log" 2>&1
+        fi
+        grep -v -i warn "$OUT/w1-run.log" >> "$OUT/w1-tiles.log"
+        echo "$v: $(grep -h '^tile override' "$OUT/w1-run.log" | tr '\n' ';') $(grep -h '^W1' "$OUT/w1-run.log" | awk '{print $5, $6}' | tr '\n' ' ')"
     done
     rm -f "$OUT/w1-run.log"
     ;;
+12)
+    timeout 330 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu > "$OUT/gpu-tests.log" 2>&1
+    tail -3 "$OUT/gpu-tests.log"
+    timeout 60 python3 -m gemma_serve.bench.quant_bench --batch 1,2,3,4 --methods bf16,int8,fp8 \
+        --out "$OUT/few-token-final.json" > "$OUT/few-token-final.log" 2>&1
+    grep -E "^(bf16|int8|fp8) " "$OUT/few-token-final.log"
+    timeout 70 python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization none,int8 \
+        --out "$OUT/w1-final.json" > "$OUT/w1-final.log" 2>&1
+    grep -h '^W1' "$OUT/w1-final.log"
+    ;;
 *)
-    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 9 | 10" >&2
+    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12" >&2
     exit 2
     ;;
 esac

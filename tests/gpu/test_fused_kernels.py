@@ -144,46 +144,6 @@ def test_qkv_to_cache_with_several_heads_per_program_changes_no_bits(dtype, step
     assert fk.qkv_heads_per_program(256, heads, kv_heads, wanted=4) == 1  # a decode step keeps its programs
 
 
-@pytest.mark.parametrize("splits", [2, 5])
-def test_kernels_add_k_split_sums_as_they_read_them(splits, monkeypatch):
-    """add_rms_norm and qkv_to_cache on a projection's float32 K-split sums [splits, T, N] (the
-    quantized one-token GEMV with `consumer_adds_splits`): the same bits as on the sums added first,
-    in split order, by `add_splits` (which the quantized projection's own adding kernel matches),
-    and on the PyTorch path as well. Activations and caches in bf16 on the GPU, float32 here."""
-    act = torch.bfloat16 if ON_GPU else torch.float32
-    tokens, dim = 3, 2560
-    parts = randn(splits, tokens, dim, dtype=torch.float32, seed=20)
-    r = randn(tokens, dim, dtype=torch.float32, seed=21)
-    wx, wo = randn(dim, dtype=torch.float32, scale=0.3, seed=22), randn(dim, dtype=torch.float32, scale=0.3, seed=23)
-    summed = fk.add_splits(parts)
-    for x_weight in (wx, None):
-        h, y = fk.add_rms_norm(r, parts, x_weight, wo, 1e-6, act)
-        h_sum, y_sum = fk.add_rms_norm(r, summed, x_weight, wo, 1e-6, act)
-        assert torch.equal(h, h_sum) and torch.equal(y, y_sum)
-        h_ref, y_ref = reference(monkeypatch, lambda x_weight=x_weight: fk.add_rms_norm(r, parts, x_weight, wo, 1e-6, act))
-        assert rel_err(h, h_ref) < 1e-6 and rel_err(y, y_ref) < TOL[act]
-
-    heads, kv_heads, head_dim, page = 8, 4, 256, 16
-    qkv_parts = randn(splits, tokens, (heads + 2 * kv_heads) * head_dim, dtype=torch.float32, seed=24)
-    qw, kw = randn(head_dim, dtype=torch.float32, scale=0.3, seed=5), randn(head_dim, dtype=torch.float32, scale=0.3, seed=6)
-    angles = torch.tensor([4.0, 9.0, 30.0], device=DEVICE)[:, None] * torch.linspace(0.01, 1.0, head_dim // 2, device=DEVICE)
-    emb = torch.cat([angles, angles], dim=-1)
-    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
-    slots = torch.tensor([2, 40, 17], device=DEVICE)
-
-    def run(qkv):
-        k_cache = torch.zeros(4, page, kv_heads, head_dim, device=DEVICE, dtype=act)
-        v_cache = torch.zeros_like(k_cache)
-        q = fk.qkv_to_cache(qkv, heads, kv_heads, head_dim, qw, kw, 1e-6, cos, sin, k_cache, v_cache, slots)
-        return q, k_cache, v_cache
-
-    got = run(qkv_parts)
-    for a, b in zip(got, run(fk.add_splits(qkv_parts))):
-        assert torch.equal(a, b)
-    for a, b in zip(got, reference(monkeypatch, lambda: run(qkv_parts))):
-        assert rel_err(a, b) < TOL[act]
-
-
 def test_float32_matmul_outputs_are_rounded_once_on_the_way_out(monkeypatch):
     """A 16-bit model whose matmuls return float32: gelu_mul, add_rms_norm and qkv_to_cache take the
     float32 inputs and give 16-bit outputs (bf16 activations, a bf16 cache) as the PyTorch path does."""

@@ -265,36 +265,6 @@ def test_one_token_kernel_float32_outputs_and_gelu_epilogue(weights, inter, k, e
 
 
 @pytest.mark.interpretable
-@pytest.mark.parametrize("m", [1, 3])
-def test_one_token_split_partials_add_up_to_the_summed_output(m):
-    """`partials=True` hands back the splits' float32 sums unadded (for a kernel after the GEMV to
-    add): in split order they are the summed output to the bit, and each is a share of the product."""
-    block_k = 512 if ON_GPU else 32
-    n, k = (1024, 5 * block_k) if ON_GPU else (64, 5 * block_k)
-    dtype = torch.bfloat16 if ON_GPU else torch.float32
-    gen = generator(300 + m)
-    q, scale, exact = one_token_weights("int8", n, k, dtype, gen)
-    x = torch.randn(m, k, device=DEVICE, generator=gen).to(dtype)
-    for split in (2, 3, 5):
-        cfg = quant.KernelConfig(1, 8, block_k, split, 4, 2)
-        parts = quant.triton_weight_only_linear(x, q, scale, cfg, out_dtype=torch.float32, partials=True)
-        summed = quant.triton_weight_only_linear(x, q, scale, cfg, out_dtype=torch.float32)
-        assert parts.shape == (split, m, n) and parts.dtype == torch.float32
-        total = parts[0].clone()
-        for s in range(1, split):
-            total += parts[s]
-        assert torch.equal(total, summed), f"split {split}"
-        # Split s covers K tiles [s * per, (s + 1) * per) of the 5.
-        per = -(-5 // split)
-        first = parts[0].double()
-        ref_first = x[:, :per * block_k].double() @ exact[:, :per * block_k].T
-        assert rel_err(first, ref_first) < (2e-3 if ON_GPU else 1e-5), f"split {split}"
-    one = quant.KernelConfig(1, 8, block_k, 1, 4, 2)  # nothing to split: the output as always
-    assert torch.equal(quant.triton_weight_only_linear(x, q, scale, one, out_dtype=torch.float32, partials=True),
-                      quant.triton_weight_only_linear(x, q, scale, one, out_dtype=torch.float32))
-
-
-@pytest.mark.interpretable
 @pytest.mark.parametrize("tiles", [2, 5])
 @pytest.mark.parametrize("weights", ["16-bit", "int8"])
 @pytest.mark.parametrize("k_tiles", [1, 2, 5, 8])
@@ -549,39 +519,3 @@ def test_engine_logits_of_gemma3_4b_shapes_match_bf16(bf16_4b, method):
 def test_fp8_is_refused_on_older_gpus():
     with pytest.raises(ValueError, match="compute capability 8.9"):
         _engine("fp8")
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("method", ["int8", "none"])
-def test_engine_with_consumer_added_k_splits(bf16_4b, method, monkeypatch):
-    """GEMMA_GEMV_SPLITS: the qkv, o and down projections on the one-token kernel (INT8 at 1-4
-    tokens, bf16 at one) hand K-split sums to the fused kernels after them. The logits stay those
-    of the engine without splits up to float32 summation order, and (INT8) a sequence's logits are
-    the same alone and in a batch of three."""
-    _, prompts, _ = bf16_4b
-    rows = 3 if method == "int8" else 1  # INT8: 3 rows (graph of 4); bf16 takes the kernel at one
-    prompts = prompts[:rows]
-    plain = _engine(method)
-    plain_logits = _teacher_forced_decode_logits(plain, prompts, 4)
-    del plain
-    torch.cuda.empty_cache()
-    monkeypatch.setattr(quant, "GEMV_SPLITS_PER_SM", 16)
-    engine = _engine(method)
-    layer = engine.runner.model.layers[0]
-    assert layer.qkv_proj.consumer_adds_splits and layer.o_proj.consumer_adds_splits
-    assert layer.down_proj.consumer_adds_splits and not layer.gate_up_proj.consumer_adds_splits
-    x = torch.randn(rows, layer.qkv_proj.in_features, device="cuda").bfloat16()
-    with torch.inference_mode():
-        parts = layer.qkv_proj(x)
-    assert parts.dim() == 3 and parts.shape[0] > 1 and parts.dtype == torch.float32  # the splits, unadded
-    split_logits = _teacher_forced_decode_logits(engine, prompts, 4)
-    errs = [rel_err(s, p) for s, p in zip(split_logits, plain_logits)]
-    # Two runs of one function whose float32 sums differ in order, each rounded to bf16 between
-    # kernels: expected ~1e-2 apart at most (two bf16 runs with their own roundings, test above); a
-    # wrong split or a split added twice lands at O(1).
-    assert max(errs) < 3e-2, errs
-    if method == "int8":
-        alone = _teacher_forced_decode_logits(engine, prompts[:1], 4)
-        assert all(torch.equal(a[0], s[0]) for a, s in zip(alone, split_logits))  # batch invariance
-    del engine
-    torch.cuda.empty_cache()

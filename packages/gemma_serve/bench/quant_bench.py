@@ -371,58 +371,67 @@ def prefetch_tiles_sweep(copy_gbps: float, layers: int) -> list[dict]:
     return rows
 
 
-def one_token_splits_sweep(copy_gbps: float, layers: int) -> list[dict]:
-    """One token, bf16 and INT8 weights (half2 where it applies), qkv / o / down: K split across 1-5
-    programs per output tile, timed with the kernel that adds the splits and without it (the GEMV
-    alone). The GEMV alone is what a projection costs when the kernel after it (QK-norm + RoPE, add +
-    norm) adds the float32 splits itself (GEMMA_GEMV_SPLITS): no extra launch. Small grids (INT8
-    qkv's 512 programs, o's and bf16 down's 640) leave most SMs a few KB of loads in flight;
-    splitting K multiplies the programs without shrinking tiles."""
+def one_token_tile_grid(method: str, name: str, k: int) -> list[quant.KernelConfig]:
+    """Unsplit one-token tiles to time for a projection: 1-16 output rows, 256-2048-wide K steps
+    that divide K, 4 warps or 8 (on 4096+ weights), 2 stages or 3 (on K steps up to 512); gate_up (GELU epilogue) needs an even row count,
+    and 8-bit tiles stay within what half2 takes (`half2_applies`)."""
+    grid = []
+    for block_n in (1, 2, 4, 8, 16):
+        for block_k in (256, 512, 1024, 2048):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    cfg = quant.KernelConfig(1, block_n, block_k, 1, warps, stages)
+                    elements = block_n * block_k
+                    if k % block_k or not 512 <= elements <= 16384 or (name == "gate_up" and block_n % 2):
+                        continue
+                    if method == "int8" and elements < 512 * warps:  # the exact path: slower, not a candidate
+                        continue
+                    if (stages == 3 and block_k > 512) or (warps == 8 and elements < 4096):
+                        continue  # measured slower before (s3 and s5 sweeps): keeps the compiles few
+                    grid.append(cfg)
+    return grid
+
+
+def one_token_tiles_sweep(copy_gbps: float, layers: int) -> list[dict]:
+    """One token, bf16 and INT8 weights, each projection as the engine runs it (gate_up with its
+    GELU epilogue, the others with float32 outputs): the engine's tile against every tile of
+    `one_token_tile_grid`. The tile must be the same at 1-4 tokens for 8-bit weights (batch
+    invariance), so only the one-token time decides; the engine A/B (`bench/w1_tile_ab.py`) decides
+    whether a faster tile alone is a faster decode step."""
     xs = inputs(1)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles = {"int8": [(8, 512, 4, 2), (4, 512, 4, 2), (4, 1024, 4, 2), (8, 1024, 8, 2), (4, 2048, 8, 2),
-                      (16, 512, 8, 2)],
-             "bf16": [(4, 512, 4, 3), (4, 1024, 4, 2), (8, 512, 4, 2), (2, 1024, 4, 2), (4, 512, 4, 2)]}
     rows = []
     for method in ("bf16", "int8"):
-        for name in ("qkv", "o", "down"):
-            n, k = SHAPES[name]
+        for name, (n, k) in SHAPES.items():
             weights = make_weights(method, {name: (n, k)}, layers)
             bound_us = weight_bytes(weights) / (copy_gbps * 1e9) * 1e6 / layers
             engine = quant.one_token_config(n, k) if method == "bf16" else quant.kernel_config(1, n, k, sms)
-            timed = []
-            for block_n, block_k, warps, stages in tiles[method]:
-                if k % block_k:
-                    continue
-                for split in range(1, min(5, k // block_k) + 1):
-                    cfg = quant.KernelConfig(1, block_n, block_k, split, warps, stages)
-                    if not quant.splits_all_nonempty(cfg, k):
-                        continue
 
-                    def run(cfg: quant.KernelConfig = cfg, partials: bool = False, weights: list[dict] = weights,
-                            name: str = name, k: int = k) -> None:
-                        for layer in weights:
-                            w, scale = (layer[name], None) if method == "bf16" else layer[name]
-                            quant.triton_weight_only_linear(xs[k], w, scale, cfg, out_dtype=torch.float32,
-                                                            partials=partials)
-                    try:
-                        alone = graph_ms(lambda cfg=cfg: run(cfg, True)) * 1e3 / layers
-                        summed = graph_ms(lambda cfg=cfg: run(cfg, False)) * 1e3 / layers
-                    except Exception as exc:  # a tile that does not compile is reported, not fatal
-                        print(f"  {method} {name} {cfg}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-                        continue
-                    timed.append(dict(config=asdict(cfg), gemv_us=alone, with_sum_us=summed))
-            timed.sort(key=lambda r: r["gemv_us"])
+            def step(cfg: quant.KernelConfig, weights: list[dict] = weights, name: str = name, k: int = k):
+                kw = dict(gelu_mul=True) if name == "gate_up" else dict(out_dtype=torch.float32)
+
+                def run() -> None:
+                    for layer in weights:
+                        w, scale = (layer[name], None) if method == "bf16" else layer[name]
+                        quant.triton_weight_only_linear(xs[k], w, scale, cfg, **kw)
+                return run
+
+            engine_us = graph_ms(step(engine)) * 1e3 / layers
+            timed = []
+            for cfg in one_token_tile_grid(method, name, k):
+                try:
+                    timed.append(dict(config=asdict(cfg), us=graph_ms(step(cfg)) * 1e3 / layers))
+                except Exception as exc:  # a tile that does not compile is reported, not fatal
+                    print(f"  {method} {name} {cfg}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            timed.sort(key=lambda r: r["us"])
+            best = timed[0]
             rows.append(dict(method=method, shape=name, n=n, k=k, bound_us=bound_us, engine_config=asdict(engine),
-                             timed=timed))
-            now = [r["gemv_us"] for r in timed if r["config"] == asdict(engine)]
-            now_text = f"{now[0]:.2f} us" if now else "not timed"
+                             engine_us=engine_us, best_config=best["config"], best_us=best["us"], timed=timed))
             top = ", ".join(f"{r['config']['block_n']}x{r['config']['block_k']} w{r['config']['num_warps']} "
-                            f"s{r['config']['num_stages']} split {r['config']['split_k']}: {r['gemv_us']:.2f} us "
-                            f"({100 * bound_us / r['gemv_us']:.1f}%; {r['with_sum_us']:.2f} with the sum)"
-                            for r in timed[:4])
-            print(f"{method} one token {name:5s} bound {bound_us:5.2f} us; engine tile {engine.block_n}x"
-                  f"{engine.block_k} w{engine.num_warps} unsplit {now_text}; fastest GEMVs alone: {top}", flush=True)
+                            f"s{r['config']['num_stages']} {r['us']:.2f}" for r in timed[:4])
+            print(f"{method} one token {name:7s} bound {bound_us:5.2f} us; engine {engine.block_n}x{engine.block_k} "
+                  f"w{engine.num_warps} s{engine.num_stages} {engine_us:.2f} us ({100 * bound_us / engine_us:.1f}%); "
+                  f"fastest {top} us", flush=True)
             del weights
             torch.cuda.empty_cache()
     return rows
@@ -524,9 +533,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --int8-gemv: only these widenings, e.g. half2 (default: all)")
     parser.add_argument("--prefetch-tiles", action="store_true",
                         help="only: one token on INT8 weights, each projection with 1-5 weight tiles in flight")
-    parser.add_argument("--one-token-splits", action="store_true",
-                        help="only: one token on bf16 and INT8 weights, qkv / o / down with K split 1-5 ways, the "
-                             "GEMV alone and with the kernel that adds the splits")
+    parser.add_argument("--one-token-tiles", action="store_true",
+                        help="only: one token on bf16 and INT8 weights, every projection on the engine's tile and "
+                             "on every unsplit tile of one_token_tile_grid")
     parser.add_argument("--gemv-variants", action="store_true",
                         help="only: one token through each layer's projections, one change of the kernel at a time")
     parser.add_argument("--bf16-matrix", default="",
@@ -547,9 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {report['device']}: copy {copy:.0f} GB/s (read+write); {args.layers} layers x "
           f"{', '.join(f'{k} {n}x{kk}' for k, (n, kk) in SHAPES.items())}", flush=True)
     if (args.bf16_gemv or args.int8_gemv or args.gemv_variants or args.bf16_matrix or args.prefetch_tiles
-            or args.one_token_splits):
-        if args.one_token_splits:
-            report["one_token_splits"] = one_token_splits_sweep(copy, args.layers)
+            or args.one_token_tiles):
+        if args.one_token_tiles:
+            report["one_token_tiles"] = one_token_tiles_sweep(copy, args.layers)
         if args.prefetch_tiles:
             report["prefetch_tiles"] = prefetch_tiles_sweep(copy, args.layers)
         if args.bf16_matrix:

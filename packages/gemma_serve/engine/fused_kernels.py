@@ -97,29 +97,9 @@ if triton is not None:
         tl.store(Y + row.to(tl.int64) * DIM + cols, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _load_split_sum(base, offs, mask, stride_split, SPLITS: tl.constexpr, MASKED: tl.constexpr = True):
-        """base[offs] in float32 (masked loads read 0 past `mask`); SPLITS > 1: the sum of SPLITS
-        float32 partial sums stride_split apart, added in split order from zero as the quantized
-        projections' own split-adding kernel does, so either way gives the same bits."""
-        if MASKED:
-            x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-        else:
-            x = tl.load(base + offs).to(tl.float32)
-        if SPLITS > 1:
-            x = 0.0 + x
-            for s in tl.static_range(1, SPLITS):
-                if MASKED:
-                    x += tl.load(base + s * stride_split + offs, mask=mask, other=0.0)
-                else:
-                    x += tl.load(base + s * stride_split + offs)
-        return x
-
-    @triton.jit
     def _add_rms_norm_kernel(X, R, WX, WO, H, Y, stride_x, stride_r, eps, DIM: tl.constexpr, BLOCK: tl.constexpr,
-                             NORM_X: tl.constexpr, NORM_OUT: tl.constexpr, stride_split=0,
-                             SPLITS: tl.constexpr = 1, PDL: tl.constexpr = False):
-        """h = r + norm(x) (or r + x), rounded; y = norm(h). One row per program. SPLITS > 1: X holds
-        a projection's float32 K-split sums, stride_split apart, added here in split order."""
+                             NORM_X: tl.constexpr, NORM_OUT: tl.constexpr, PDL: tl.constexpr = False):
+        """h = r + norm(x) (or r + x), rounded; y = norm(h). One row per program."""
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < DIM
@@ -129,7 +109,7 @@ if triton is not None:
         if NORM_OUT:
             wo = tl.load(WO + cols, mask=mask, other=0.0).to(tl.float32)
         pdl_wait(PDL)
-        x = _load_split_sum(X + row * stride_x, cols, mask, stride_split, SPLITS)
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         if NORM_X:
             inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
             x = ((x * inv) * (1.0 + wx)).to(H.dtype.element_ty).to(tl.float32)
@@ -175,14 +155,12 @@ if triton is not None:
     @triton.jit
     def _qkv_to_cache_kernel(QKV, QW, KW, COS, SIN, SLOT, Q, KC, VC, stride_qkv, stride_cos, eps,
                              HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr, HALF: tl.constexpr,
-                             QK_NORM: tl.constexpr, HEAD_STEP: tl.constexpr = 1, stride_split=0,
-                             SPLITS: tl.constexpr = 1, PDL: tl.constexpr = False):
+                             QK_NORM: tl.constexpr, HEAD_STEP: tl.constexpr = 1, PDL: tl.constexpr = False):
         """HEAD_STEP heads of one token per program, heads ordered q..., k..., v... (HEAD_STEP
         divides HEADS and KV_HEADS, so a program's heads are all q, all k or all v): q and k get
         QK-norm then rotary (float32, rounded once); k and v go to the token's cache slot. qkv may
         be float32 (a matmul's unrounded output) or the caches' dtype; q is written in Q's. A
-        program's heads share its loads of the norm weights and the RoPE row. SPLITS > 1: QKV holds
-        the projection's float32 K-split sums, stride_split apart, added here in split order."""
+        program's heads share its loads of the norm weights and the RoPE row."""
         t = tl.program_id(0).to(tl.int64)
         j0 = tl.program_id(1) * HEAD_STEP
         cols = tl.arange(0, DIM)
@@ -204,8 +182,8 @@ if triton is not None:
             for h in tl.static_range(HEAD_STEP):
                 j = j0 + h
                 base = QKV + t * stride_qkv + j * DIM
-                x = _load_split_sum(base, cols, None, stride_split, SPLITS, MASKED=False)
-                xp = _load_split_sum(base, partner, None, stride_split, SPLITS, MASKED=False)
+                x = tl.load(base + cols).to(tl.float32)
+                xp = tl.load(base + partner).to(tl.float32)
                 if QK_NORM:
                     inv = tl.math.rsqrt(tl.sum(x * x, axis=0) / DIM + eps)
                     x = (x * inv) * (1.0 + w)
@@ -220,7 +198,7 @@ if triton is not None:
             pdl_wait(PDL)
             for h in tl.static_range(HEAD_STEP):
                 j = j0 + h
-                v = _load_split_sum(QKV + t * stride_qkv + j * DIM, cols, None, stride_split, SPLITS, MASKED=False)
+                v = tl.load(QKV + t * stride_qkv + j * DIM + cols)
                 tl.store(VC + (slot * KV_HEADS + (j - HEADS - KV_HEADS)) * DIM + cols, v.to(VC.dtype.element_ty))
 
 
@@ -245,52 +223,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
     return y
 
 
-def add_splits(parts: torch.Tensor) -> torch.Tensor:
-    """A projection's float32 K-split sums [splits, T, N] added in split order, as the kernels
-    below add them (the PyTorch paths' equivalent)."""
-    total = parts[0].clone()
-    for part in parts[1:]:
-        total += part
-    return total
-
-
 def add_rms_norm(residual: torch.Tensor, x: torch.Tensor, x_weight: torch.Tensor | None,
                  out_weight: torch.Tensor | None, eps: float,
                  out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(h, y): h = residual + rms_norm(x, x_weight) (residual + x when x_weight is None), and
     y = rms_norm(h, out_weight) (None when out_weight is None). [T, dim] inputs. h has the residual's
     dtype, y `out_dtype` (default x's): with a float32 residual stream the sum is not rounded to 16
-    bits, x may be a matmul's float32 output, and the next matmul still gets 16-bit inputs.
-    x may also be [splits, T, dim]: a quantized projection's float32 K-split sums, which the kernel
-    adds in split order as it reads them (`quantization.QuantizedLinear.consumer_adds_splits`)."""
-    if x.dim() == 3 and not (use_triton(x) and x.stride(-1) == 1 and residual.stride(-1) == 1):
-        x = add_splits(x)
+    bits, x may be a matmul's float32 output, and the next matmul still gets 16-bit inputs."""
     out_dtype = out_dtype or x.dtype
-    if x.dim() == 3:
-        return _add_rms_norm_launch(residual, x, x_weight, out_weight, eps, out_dtype)
     if not use_triton(x) or x.stride(-1) != 1 or residual.stride(-1) != 1 or x.dim() != 2:
         # As the kernel: norm(x) is rounded to the residual's dtype only (not first to x's).
         normed = rms_norm_reference(x, x_weight, eps, residual.dtype) if x_weight is not None else x
         h = residual + normed.to(residual.dtype)
         return h, (rms_norm_reference(h, out_weight, eps, out_dtype) if out_weight is not None else None)
-    return _add_rms_norm_launch(residual, x, x_weight, out_weight, eps, out_dtype)
-
-
-def _add_rms_norm_launch(residual: torch.Tensor, x: torch.Tensor, x_weight: torch.Tensor | None,
-                         out_weight: torch.Tensor | None, eps: float,
-                         out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The kernel of `add_rms_norm` on x [T, dim], or on K-split sums [splits, T, dim]."""
-    splits = x.shape[0] if x.dim() == 3 else 1
-    t, dim = x.shape[-2:]
+    t, dim = x.shape
     h = torch.empty_like(residual, memory_format=torch.contiguous_format)
     y = torch.empty(h.shape, dtype=out_dtype, device=h.device) if out_weight is not None else None
     if t:
         block = triton.next_power_of_2(dim)
         _add_rms_norm_kernel[(t,)](x, residual, x_weight if x_weight is not None else x,
                                    out_weight if out_weight is not None else x, h, y if y is not None else h,
-                                   x.stride(-2), residual.stride(0), float(eps), DIM=dim, BLOCK=block,
+                                   x.stride(0), residual.stride(0), float(eps), DIM=dim, BLOCK=block,
                                    NORM_X=x_weight is not None, NORM_OUT=out_weight is not None,
-                                   stride_split=x.stride(0) if splits > 1 else 0, SPLITS=splits,
                                    num_warps=max(1, min(8, block // 256)), **pdl_launch(x))
     return h, y
 
@@ -336,14 +290,10 @@ def qkv_to_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim:
     `slot_mapping`. Returns q [T, H, D] in the cache's dtype. qkv may be float32 over a 16-bit
     cache (a matmul's unrounded output): q, k and v are then rounded once, on the way out.
     heads_per_program: the kernel's grouping (default `qkv_heads_per_program`; tests force it);
-    the results do not depend on it. qkv may also be [splits, T, (H + 2 KV) D]: the projection's
-    float32 K-split sums, which the kernel adds in split order as it reads them."""
-    tokens = qkv.shape[-2]
+    the results do not depend on it."""
+    tokens = qkv.shape[0]
     fits = (use_triton(qkv) and qkv.stride(-1) == 1 and not head_dim & (head_dim - 1) and cos.stride(-1) == 1
             and sin.stride() == cos.stride() and k_cache.is_contiguous() and v_cache.is_contiguous())
-    splits = qkv.shape[0] if qkv.dim() == 3 else 1
-    if qkv.dim() == 3 and not fits:
-        qkv = add_splits(qkv)
     if not fits:
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -364,9 +314,8 @@ def qkv_to_cache(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim:
             raise ValueError(f"{step} heads per program must divide {num_heads} q and {num_kv_heads} kv heads")
         _qkv_to_cache_kernel[(tokens, (num_heads + 2 * num_kv_heads) // step)](
             qkv, q_norm if qk_norm else qkv, k_norm if qk_norm else qkv, cos, sin, slot_mapping, q, k_cache, v_cache,
-            qkv.stride(-2), cos.stride(0), float(eps), HEADS=num_heads, KV_HEADS=num_kv_heads, DIM=head_dim,
+            qkv.stride(0), cos.stride(0), float(eps), HEADS=num_heads, KV_HEADS=num_kv_heads, DIM=head_dim,
             HALF=head_dim // 2, QK_NORM=qk_norm, HEAD_STEP=step,
-            stride_split=qkv.stride(0) if splits > 1 else 0, SPLITS=splits,
             num_warps=QKV_GROUP_WARPS if step > 1 and QKV_GROUP_WARPS else max(1, min(4, head_dim // 128)),
             **pdl_launch(qkv))
     return q

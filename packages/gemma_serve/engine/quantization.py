@@ -166,9 +166,6 @@ class QuantizedLinear(nn.Module):
 
     out_dtype: torch.dtype | None = None
     out_dtype_max_rows: int | None = None
-    # Set by `quantize_model` for the projections the model lists in `split_consumers`: their output
-    # goes only to a fused kernel that takes float32 K-split sums [splits, T, N] (GEMV_SPLITS_PER_SM).
-    consumer_adds_splits: bool = False
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
         super().__init__()
@@ -187,21 +184,16 @@ class QuantizedLinear(nn.Module):
         return "int8" if self.weight.dtype == torch.int8 else "fp8"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.consumer_adds_splits and GEMV_SPLITS_PER_SM > 0 and x.dim() == 2:
-            plan = self.one_token_plan(x, FEW_TOKEN_ROWS, consumer_adds_splits=True)
-            if plan is not None and plan.config.split_k > 1:  # [splits, T, N] float32, for the consumer
-                return triton_weight_only_linear(x, self.weight, self.scale, plan.config, out_dtype=torch.float32,
-                                                 partials=True)
         return weight_only_linear(x, self.weight, self.scale, output_dtype(x, self.out_dtype, self.out_dtype_max_rows))
 
-    def one_token_plan(self, x: torch.Tensor, max_rows: int = 1, consumer_adds_splits: bool = False) -> OneTokenPlan | None:
+    def one_token_plan(self, x: torch.Tensor, max_rows: int = 1) -> OneTokenPlan | None:
         """The one-token kernel's arguments for x of 1 .. max_rows (at most FEW_TOKEN_ROWS) tokens."""
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if not (_triton_rows(x) and 1 <= rows <= min(max_rows, FEW_TOKEN_ROWS)):
             return None
         n, k = self.weight.shape
-        return OneTokenPlan(self.weight, self.scale, kernel_config(1, n, k, _num_sms(x.device.index or 0),
-                                                                   self.weight.dtype, consumer_adds_splits))
+        return OneTokenPlan(self.weight, self.scale,
+                            kernel_config(1, n, k, _num_sms(x.device.index or 0), self.weight.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.method}"
@@ -292,28 +284,21 @@ class OneTokenLinear(nn.Linear):
 
     out_dtype: torch.dtype | None = None
     out_dtype_max_rows: int | None = None
-    consumer_adds_splits: bool = False  # as `QuantizedLinear`'s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_dtype = output_dtype(x, self.out_dtype, self.out_dtype_max_rows)
-        splits = self.consumer_adds_splits and GEMV_SPLITS_PER_SM > 0 and x.dim() == 2
-        plan = self.one_token_plan(x, BF16_FEW_TOKEN_ROWS, consumer_adds_splits=splits)
+        plan = self.one_token_plan(x, BF16_FEW_TOKEN_ROWS)
         if plan is not None:
-            if plan.config.split_k > 1:  # [splits, T, N] float32, for the kernel after this one
-                return triton_weight_only_linear(x, plan.weight, None, plan.config, out_dtype=torch.float32,
-                                                 partials=True)
             return triton_weight_only_linear(x, plan.weight, None, plan.config, out_dtype=out_dtype)
         return matmul(x, self.weight, out_dtype)
 
-    def one_token_plan(self, x: torch.Tensor, max_rows: int = 1, consumer_adds_splits: bool = False) -> OneTokenPlan | None:
+    def one_token_plan(self, x: torch.Tensor, max_rows: int = 1) -> OneTokenPlan | None:
         """The one-token kernel's arguments for x of 1 .. max_rows tokens, or None."""
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if not (ONE_TOKEN_GEMV and triton is not None and x.is_cuda and x.dtype == self.weight.dtype
                 and x.dtype in (torch.bfloat16, torch.float16) and 1 <= rows <= max_rows):
             return None
-        n, k = self.weight.shape
-        sms = _num_sms(x.device.index or 0) if consumer_adds_splits else 0
-        return OneTokenPlan(self.weight, None, one_token_config(n, k, consumer_adds_splits, sms))
+        return OneTokenPlan(self.weight, None, one_token_config(*self.weight.shape))
 
 
 ONE_TOKEN_GEMV = os.environ.get("GEMMA_ONE_TOKEN_GEMV", "1") == "1"
@@ -327,7 +312,7 @@ FUSED_GELU = os.environ.get("GEMMA_FUSED_GELU", "1") == "1"
 GEMV_EARLY_WEIGHTS = os.environ.get("GEMMA_GEMV_EARLY_WEIGHTS", "1")
 # The one-token kernel keeps several weight tiles in flight where its grid is small
 # (`prefetch_applies`); GEMMA_GEMV_PREFETCH=0 keeps one. GEMMA_GEMV_PREFETCH_TILES: how many (2, the
-# default: INT8 qkv 4.3 against 5.1 us on an H200; 3-5 measured slower, 5.3-6.4 us, thirteenth run).
+# default: INT8 qkv 4.3 against 5.1 us on an H200; 3-5 not yet timed on a GPU).
 GEMV_PREFETCH = os.environ.get("GEMMA_GEMV_PREFETCH", "1") == "1"
 MAX_PREFETCH_TILES = 5
 GEMV_PREFETCH_TILES = int(os.environ.get("GEMMA_GEMV_PREFETCH_TILES", "2"))
@@ -359,31 +344,25 @@ if _WIDE_K not in ("0", "4", "8"):
 GEMV_WIDE_K_WARPS = int(_WIDE_K)
 
 
-# One-token projections (8-bit at 1-4 tokens, 16-bit at one) whose output goes straight into a fused
-# kernel that adds K-split float32 sums as it reads them (qkv -> QK-norm/RoPE/cache write, o and
-# down -> add + norm; `GemmaLayer.split_consumers`): K split until the grid has this many programs
-# per SM (GEMMA_GEMV_SPLITS; 0, the default: no splits), the same split at any row count. INT8 qkv's
-# 512 and o's 640 programs, bf16 o's and down's 640, leave each SM a few KB of loads in flight;
-# splitting K multiplies programs without shrinking tiles, and the consumer adds the splits, so no
-# kernel is added (`quant_bench --one-token-splits` times the GEMV alone). Not yet measured in the
-# engine (thirteenth run: written after the device time ran out).
-_SPLITS = os.environ.get("GEMMA_GEMV_SPLITS", "0")
-if not _SPLITS.isdigit():
-    raise ValueError(f"GEMMA_GEMV_SPLITS={_SPLITS!r}: use a number of programs per SM (e.g. 16), or 0 for no splits")
-GEMV_SPLITS_PER_SM = int(_SPLITS)
+def _mlp_up_shape(n: int, k: int) -> bool:
+    """Whether [n, k] has the shape of a Gemma MLP's fused gate + up projection (N 8-12x K), not
+    of the LM head (N ~100x K: a vocabulary), whose tiles were measured separately."""
+    return 4 * k <= n <= 16 * k
 
 
-def one_token_config(n: int, k: int, consumer_adds_splits: bool = False, num_sms: int = 0) -> KernelConfig:
-    """Tiles of the one-token kernel on 16-bit weights, from `quant_bench --bf16-gemv` on an H200:
-    4 output rows per program, 1024-wide K steps in 2 stages where 1024 divides K, else 512 in 3.
-    consumer_adds_splits (GEMV_SPLITS_PER_SM > 0, num_sms given): K split as `kernel_config` does."""
+def one_token_config(n: int, k: int) -> KernelConfig:
+    """Tiles of the one-token kernel on 16-bit weights, from `quant_bench --one-token-tiles` on an
+    H200: 4 output rows per program, 1024-wide K steps in 2 stages where 1024 divides K, else 512 in
+    3. Two shapes differ (fourteenth run, Gemma 3 4B): the MLP's down projection (K at least 4x N)
+    takes 2 rows, twice the programs on its narrow output (12.9 against 15.5 us a layer); its
+    up projection (`_mlp_up_shape`) takes 8 rows on 256-wide steps (25.1 against 25.8 us)."""
+    if k >= 4 * n and k % 1024 == 0:
+        return KernelConfig(1, 2, 1024, 1, 4, 2)
+    if _mlp_up_shape(n, k) and k % 256 == 0:
+        return KernelConfig(1, 8, 256, 1, 4, 3)
     if k % 1024 == 0:
-        cfg = KernelConfig(1, 4, 1024, 1, 4, 2)
-    else:
-        cfg = KernelConfig(1, 4, min(512, _pow2_at_least(k, 16)), 1, 4, 3)
-    if consumer_adds_splits and GEMV_SPLITS_PER_SM > 0 and num_sms > 0:
-        return _one_token_splits(n, k, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, num_sms)
-    return cfg
+        return KernelConfig(1, 4, 1024, 1, 4, 2)
+    return KernelConfig(1, 4, min(512, _pow2_at_least(k, 16)), 1, 4, 3)
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -436,7 +415,6 @@ def quantize_model(model: nn.Module, method: str, out_dtype: torch.dtype | None 
                 one = OneTokenLinear(linear.in_features, linear.out_features, bias=False, device="meta")
                 one.weight = linear.weight
                 one.out_dtype = out_dtype
-                one.consumer_adds_splits = name in getattr(parent, "split_consumers", ())
                 setattr(parent, name, one)
         return
     before = model_weight_bytes(model)
@@ -449,7 +427,6 @@ def quantize_model(model: nn.Module, method: str, out_dtype: torch.dtype | None 
         parent, name, linear = linears.pop()
         swapped = QuantizedLinear.from_linear(linear, method)
         swapped.out_dtype = out_dtype
-        swapped.consumer_adds_splits = name in getattr(parent, "split_consumers", ())
         setattr(parent, name, swapped)
         del linear
     table_note = "; the embedding stays in the model's dtype"
@@ -549,17 +526,14 @@ def _pow2_at_least(n: int, low: int) -> int:
     return max(low, 1 << max(0, (n - 1).bit_length()))
 
 
-def kernel_config(m: int, n: int, k: int, num_sms: int, weight_dtype: torch.dtype = torch.int8,
-                  consumer_adds_splits: bool = False) -> KernelConfig:
+def kernel_config(m: int, n: int, k: int, num_sms: int, weight_dtype: torch.dtype = torch.int8) -> KernelConfig:
     """Tile shapes for an [m, k] x [k, n] product, picked from the sweep of `gemma_serve.bench.quant_bench`
     on an H200 (docs/benchmarks.md). Decode sizes are bound by streaming the weights: up to
-    FEW_TOKEN_ROWS tokens run on the FMA units with 4-8 output rows per program and 4 KB of weights
-    per step of its K loop, 8 KB for INT8 where 2048 divides K (GEMV_WIDE_K_WARPS; thousands of programs keep
+    FEW_TOKEN_ROWS tokens run on the FMA units with 4-16 output rows per program and 4 KB of weights
+    per step of its K loop, 8-16 KB for INT8 where 2048 divides K (GEMV_WIDE_K_WARPS; thousands of programs keep
     every SM's loads in flight; K tiles that divide K, a ragged tile costs more than it saves); up
     to 16 tokens use narrow output tiles on the matrix units with long K tiles, and split K when the output has too few tiles to give every
-    SM two programs. Larger m tiles the tokens too, as a plain matmul does. consumer_adds_splits (1-4
-    tokens, GEMV_SPLITS_PER_SM > 0): K split across programs as `GEMV_SPLITS_PER_SM` says, the same
-    for any row count, for a kernel after the GEMV to add."""
+    SM two programs. Larger m tiles the tokens too, as a plain matmul does."""
     swap = True
     split_target = 2 * num_sms  # programs to reach by splitting K
     if m <= FEW_TOKEN_ROWS:  # the one-token kernel (1 .. 4 tokens)
@@ -567,8 +541,10 @@ def kernel_config(m: int, n: int, k: int, num_sms: int, weight_dtype: torch.dtyp
         block_n, block_k = (4, 1024) if k % 1024 == 0 else (8, 512)
         if GEMV_WIDE_K_WARPS > 0 and k % 2048 == 0 and weight_dtype == torch.int8:  # every row count
             block_k, warps = 2048, GEMV_WIDE_K_WARPS  # alike: a row's sums must not depend on the batch
-        if consumer_adds_splits and GEMV_SPLITS_PER_SM > 0:
-            return _one_token_splits(n, k, block_n, block_k, warps, stages, num_sms)
+            if k == 2048:  # one K step (4B's o): 8 rows, half the programs (2.64 against 2.77 us)
+                block_n = 8
+        elif weight_dtype == torch.int8 and _mlp_up_shape(n, k) and k % 256 == 0:  # the MLP's up projection:
+            block_n, block_k = 16, 256  # 16 rows on 256-wide steps (13.2 against 14.0 us, fourteenth run)
     elif m <= 16:
         block_m, warps, stages = 16, 4, 3
         if n >= 8192 or k > 4096:  # gate_up, and down (split K: its 2560 outputs make few tiles)
@@ -590,24 +566,6 @@ def kernel_config(m: int, n: int, k: int, num_sms: int, weight_dtype: torch.dtyp
     while tiles * split < split_target and k_tiles >= 4 * split:
         split *= 2
     return KernelConfig(block_m, block_n, block_k, split, warps, stages, swap)
-
-
-def _one_token_splits(n: int, k: int, block_n: int, block_k: int, warps: int, stages: int,
-                      num_sms: int) -> KernelConfig:
-    """The one-token tile with K split until the grid reaches GEMV_SPLITS_PER_SM programs per SM,
-    at most one split per K tile (1024-wide steps where 2048-wide ones would leave a single tile)."""
-    if block_k == 2048 and k // 2048 < 2:
-        block_k, warps = 1024, 4
-    block_n = min(block_n, _pow2_at_least(n, 1))
-    block_k = min(block_k, _pow2_at_least(k, 16))
-    tiles, k_tiles = -(-n // block_n), -(-k // block_k)
-    split = 1
-    while tiles * split < GEMV_SPLITS_PER_SM * num_sms and split < k_tiles:
-        split += 1
-    cfg = KernelConfig(1, block_n, block_k, split, warps, stages)
-    while not splits_all_nonempty(cfg, k):  # splits of whole, equal runs of K tiles: none left empty
-        cfg = KernelConfig(1, block_n, block_k, cfg.split_k - 1, warps, stages)
-    return cfg
 
 
 @functools.lru_cache(maxsize=None)
@@ -1026,13 +984,6 @@ def _prefetch_tiles(prefetch: bool | int | None, programs: int, tokens: int, eve
     return tiles
 
 
-def splits_all_nonempty(cfg: KernelConfig, k: int) -> bool:
-    """Whether every K split of the one-token kernel gets at least one K tile (what reading the
-    first tile before the PDL wait needs)."""
-    k_tiles = -(-k // cfg.block_k)
-    return (cfg.split_k - 1) * -(-k_tiles // cfg.split_k) < k_tiles
-
-
 def half2_applies(cfg: KernelConfig, qweight: torch.Tensor) -> bool:
     """Whether the half2 INT8 path can take this one-token tile. Its inline PTX sums 16 weights of
     a pack, so a pack must hold 16 consecutive weights of one row: Triton gives each thread one
@@ -1047,7 +998,7 @@ def half2_applies(cfg: KernelConfig, qweight: torch.Tensor) -> bool:
 def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor | None,
                               config: KernelConfig | None = None, int8_gemv_widen: int | None = None,
                               out_dtype: torch.dtype | None = None, gelu_mul: bool = False,
-                              prefetch: bool | int | None = None, partials: bool = False) -> torch.Tensor:
+                              prefetch: bool | int | None = None) -> torch.Tensor:
     """The Triton path of `weight_only_linear` (x bf16/fp16, qweight int8 or fp8 e4m3 [N, K] with
     contiguous rows, scale float32 [N]). Static shapes for a given x: CUDA-graph capturable.
     scale None: qweight is a float matrix of x's dtype, multiplied as it is (16-bit on the one-token
@@ -1058,10 +1009,7 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
     [..., inter] (rounded once to out_dtype), as `fused_kernels.gelu_mul` of the product.
     int8_gemv_widen: how the one-token kernel widens INT8 weights (a `_WIDEN_INT8*`; benchmarks).
     prefetch: several weight tiles in flight per program (one token, whole K tiles): True for
-    GEMV_PREFETCH_TILES, or how many (2-5); default `prefetch_applies`; tests force it.
-    partials (config with split_k > 1): return the splits' float32 sums [split_k, rows, N] as they
-    are, without the kernel that adds them (`quant_bench --one-token-splits` times the GEMV alone;
-    summing them in split order gives this function's float32 result to the bit)."""
+    GEMV_PREFETCH_TILES, or how many (2-5); default `prefetch_applies`; tests force it."""
     k = x.shape[-1]
     n = qweight.shape[0]
     x2 = x.reshape(-1, k)
@@ -1097,7 +1045,7 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
                                                      BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                                                      EVEN_K=even_k, WIDEN=widen, HAS_SCALE=scale is not None,
                                                      GELU_MUL=gelu_mul, num_warps=cfg.num_warps,
-                                                     EARLY_W=(even_k and splits_all_nonempty(cfg, k) and (
+                                                     EARLY_W=(even_k and cfg.split_k == 1 and (
                                                          GEMV_EARLY_WEIGHTS == "all" or (GEMV_EARLY_WEIGHTS == "1" and (
                                                              scale is None or widen == _WIDEN_INT8_HALF2)))),
                                                      PREFETCH=_prefetch_tiles(prefetch, grid[0] * cfg.split_k, m,
@@ -1109,8 +1057,6 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
                                          BLOCK_K=cfg.block_k, EVEN_K=even_k, WIDEN=widen, SWAP_AB=cfg.swap_ab,
                                          HAS_SCALE=scale is not None, num_warps=cfg.num_warps,
                                          num_stages=cfg.num_stages, **pdl_launch(x2))
-    if cfg.split_k > 1 and partials:
-        return out
     if cfg.split_k > 1:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](out, y, m * n, SPLIT_K=cfg.split_k, BLOCK=block,

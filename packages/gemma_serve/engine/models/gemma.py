@@ -84,11 +84,6 @@ class RotaryTable(nn.Module):
 
 
 class GemmaLayer(nn.Module):
-    # Projections whose output goes only to a fused kernel that can add float32 K-split sums as it
-    # reads them (qkv_to_cache, add_rms_norm): quantized, they may return [splits, T, N] at a few
-    # tokens (`quantization.GEMV_SPLITS_PER_SM`). gate_up feeds its GELU epilogue instead.
-    split_consumers = ("qkv_proj", "o_proj", "down_proj")
-
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
         self.cfg = cfg
