@@ -5,7 +5,7 @@
 #
 #   OUT=/some/dir bash bench/gpu_next.sh 11    (fourteenth run, ~3 minutes on an H200)
 #     every unsplit one-token tile per projection, bf16 and INT8 (quant_bench --one-token-tiles), then
-#     W1 with the engine's tiles against the fastest (bench/w1_tile_ab.py), A B A B.
+#     W1 with the engine's tiles against the fastest (bench/tile_override.py), A B A B.
 #   OUT=/some/dir bash bench/gpu_next.sh 12    (~7 minutes)
 #     the final code's whole GPU suite, the 1-4-token layers, W1.
 #   OUT=/some/dir bash bench/gpu_next.sh 6     (~8 minutes)
@@ -123,7 +123,7 @@ case "${1:-1}" in
     ;;
 11)
     # Every unsplit one-token tile per projection (bf16, INT8), then W1 with the engine's tiles (A)
-    # against the fastest ones (B, bench/w1_tile_ab.py), A B A B in one log.
+    # against the fastest ones (B, bench/tile_override.py), A B A B in one log.
     timeout 240 python3 -m gemma_serve.bench.quant_bench --one-token-tiles --out "$OUT/one-token-tiles.json" \
         > "$OUT/one-token-tiles.log" 2>&1
     grep "one token" "$OUT/one-token-tiles.log"
@@ -132,7 +132,7 @@ case "${1:-1}" in
         if [ "$v" = A ]; then
             timeout 80 python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization none,int8 > "$OUT/w1-run.log" 2>&1
         else
-            timeout 80 python3 bench/w1_tile_ab.py --tiles "$OUT/one-token-tiles.json" -- --workloads W1 \
+            timeout 80 python3 bench/tile_override.py --tiles "$OUT/one-token-tiles.json" -- --workloads W1 \
                 --quantization none,int8 > "$OUT/w1-run.log" 2>&1
         fi
         grep -v -i warn "$OUT/w1-run.log" >> "$OUT/w1-tiles.log"
@@ -150,8 +150,27 @@ case "${1:-1}" in
         --out "$OUT/w1-final.json" > "$OUT/w1-final.log" 2>&1
     grep -h '^W1' "$OUT/w1-final.log"
     ;;
+13)
+    # Which INT8 tile change costs the 2-4-token layers (fourteenth run: +4-6% there, -2.4% at one):
+    # the 1-4-token layers, then W1 INT8, with the new o and gate_up tiles, either one back on its
+    # old tile, or both (bench/tile_override.py).
+    declare -A tiles=([new]="" [old-o]="--tile int8:2560x2048=4x2048w8s2" [old-gu]="--tile int8:20480x2560=8x512w4s2"
+                      [old]="--tile int8:2560x2048=4x2048w8s2 --tile int8:20480x2560=8x512w4s2")
+    for v in new old-o old-gu old; do
+        timeout 60 python3 bench/tile_override.py ${tiles[$v]} --tool quant -- --batch 1,2,3,4 --methods int8 \
+            > "$OUT/run.log" 2>&1
+        echo "== $v" >> "$OUT/few-token-tiles.log"; cat "$OUT/run.log" >> "$OUT/few-token-tiles.log"
+        echo "$v: $(grep -E '^int8 ' "$OUT/run.log" | awk '{print $3}' | tr '\n' ' ')"
+    done
+    for v in new old-o old-gu old old old-gu old-o new; do
+        timeout 60 python3 bench/tile_override.py ${tiles[$v]} -- --workloads W1 --quantization int8 > "$OUT/run.log" 2>&1
+        echo "== $v" >> "$OUT/w1-int8-tiles.log"; grep -v -i warn "$OUT/run.log" >> "$OUT/w1-int8-tiles.log"
+        echo "W1 $v: $(grep -h '^W1' "$OUT/run.log" | awk '{print $5, $6}')"
+    done
+    rm -f "$OUT/run.log"
+    ;;
 *)
-    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12" >&2
+    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12 | 13" >&2
     exit 2
     ;;
 esac

@@ -396,7 +396,7 @@ def one_token_tiles_sweep(copy_gbps: float, layers: int) -> list[dict]:
     """One token, bf16 and INT8 weights, each projection as the engine runs it (gate_up with its
     GELU epilogue, the others with float32 outputs): the engine's tile against every tile of
     `one_token_tile_grid`. The tile must be the same at 1-4 tokens for 8-bit weights (batch
-    invariance), so only the one-token time decides; the engine A/B (`bench/w1_tile_ab.py`) decides
+    invariance), so only the one-token time decides; the engine A/B (`bench/tile_override.py`) decides
     whether a faster tile alone is a faster decode step."""
     xs = inputs(1)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
