@@ -346,7 +346,8 @@ GEMV_WIDE_K_WARPS = int(_WIDE_K)
 
 def _mlp_up_shape(n: int, k: int) -> bool:
     """Whether [n, k] has the shape of a Gemma MLP's fused gate + up projection (N 8-12x K), not
-    of the LM head (N ~100x K: a vocabulary), whose tiles were measured separately."""
+    of the LM head (N ~100x K: a vocabulary), whose tiles were measured separately. 16-bit only:
+    the 8-bit tile must serve 1-4 tokens alike (see `kernel_config`)."""
     return 4 * k <= n <= 16 * k
 
 
@@ -529,8 +530,8 @@ def _pow2_at_least(n: int, low: int) -> int:
 def kernel_config(m: int, n: int, k: int, num_sms: int, weight_dtype: torch.dtype = torch.int8) -> KernelConfig:
     """Tile shapes for an [m, k] x [k, n] product, picked from the sweep of `gemma_serve.bench.quant_bench`
     on an H200 (docs/benchmarks.md). Decode sizes are bound by streaming the weights: up to
-    FEW_TOKEN_ROWS tokens run on the FMA units with 4-16 output rows per program and 4 KB of weights
-    per step of its K loop, 8-16 KB for INT8 where 2048 divides K (GEMV_WIDE_K_WARPS; thousands of programs keep
+    FEW_TOKEN_ROWS tokens run on the FMA units with 4-8 output rows per program and 4 KB of weights
+    per step of its K loop, 8 KB for INT8 where 2048 divides K (GEMV_WIDE_K_WARPS; thousands of programs keep
     every SM's loads in flight; K tiles that divide K, a ragged tile costs more than it saves); up
     to 16 tokens use narrow output tiles on the matrix units with long K tiles, and split K when the output has too few tiles to give every
     SM two programs. Larger m tiles the tokens too, as a plain matmul does."""
@@ -541,10 +542,8 @@ def kernel_config(m: int, n: int, k: int, num_sms: int, weight_dtype: torch.dtyp
         block_n, block_k = (4, 1024) if k % 1024 == 0 else (8, 512)
         if GEMV_WIDE_K_WARPS > 0 and k % 2048 == 0 and weight_dtype == torch.int8:  # every row count
             block_k, warps = 2048, GEMV_WIDE_K_WARPS  # alike: a row's sums must not depend on the batch
-            if k == 2048:  # one K step (4B's o): 8 rows, half the programs (2.64 against 2.77 us)
-                block_n = 8
-        elif weight_dtype == torch.int8 and _mlp_up_shape(n, k) and k % 256 == 0:  # the MLP's up projection:
-            block_n, block_k = 16, 256  # 16 rows on 256-wide steps (13.2 against 14.0 us, fourteenth run)
+        # (Fourteenth run: INT8 gate_up on 16 rows x 256 made W1 1.1% faster and the 2-4-token layers
+        # 4-5% slower; o on 8 rows was slower on both. Both stay on these tiles: docs/benchmarks.md.)
     elif m <= 16:
         block_m, warps, stages = 16, 4, 3
         if n >= 8192 or k > 4096:  # gate_up, and down (split K: its 2560 outputs make few tiles)
