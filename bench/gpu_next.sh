@@ -6,8 +6,12 @@
 #   OUT=/some/dir bash bench/gpu_next.sh 11    (fourteenth run, ~3 minutes on an H200)
 #     every unsplit one-token tile per projection, bf16 and INT8 (quant_bench --one-token-tiles), then
 #     W1 with the engine's tiles against the fastest (bench/tile_override.py), A B A B.
-#   OUT=/some/dir bash bench/gpu_next.sh 12    (~7 minutes)
-#     the final code's whole GPU suite, the 1-4-token layers, W1.
+#   OUT=/some/dir bash bench/gpu_next.sh 12    (~6 minutes)
+#     the whole GPU suite, the 1-4-token layers, W1 (on f446122: INT8 tiles changed too).
+#   OUT=/some/dir bash bench/gpu_next.sh 13    (~4 minutes)
+#     INT8 o / gate_up tiles new and old: the 1-4-token layers and W1 INT8 (bench/tile_override.py).
+#   OUT=/some/dir bash bench/gpu_next.sh 14    (~3 minutes)
+#     the final code's W1 and its kernel / engine GPU tests.
 #   OUT=/some/dir bash bench/gpu_next.sh 6     (~8 minutes)
 #     the whole GPU suite, then W2 with the default (1024-key) decode nodes against 512, one engine
 #     per run (the thirteenth run's A/B: 15,988 against 15,854 tok/s).
@@ -169,8 +173,18 @@ case "${1:-1}" in
     done
     rm -f "$OUT/run.log"
     ;;
+14)
+    # The fourteenth run's final code (bf16 tiles per shape, INT8 tiles as before): W1, then the
+    # kernel and engine tests on those tiles.
+    timeout 70 python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization none,int8 \
+        --out "$OUT/w1-final.json" > "$OUT/w1-final.log" 2>&1
+    grep -h '^W1' "$OUT/w1-final.log"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_quantization.py \
+        -k "kernel_matches or one_token_linear or few_token or engine_logits or gelu" > "$OUT/gpu-tests-final.log" 2>&1
+    tail -2 "$OUT/gpu-tests-final.log"
+    ;;
 *)
-    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12 | 13" >&2
+    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12 | 13 | 14" >&2
     exit 2
     ;;
 esac
