@@ -34,6 +34,18 @@ OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 export PYTHONPATH=packages
 
+few_token_layers() {  # the four projections of the 34 layers at 1-4 tokens, bf16 / INT8 / FP8
+    timeout 60 python3 -m gemma_serve.bench.quant_bench --batch 1,2,3,4 --methods bf16,int8,fp8 \
+        --out "$OUT/few-token-final.json" > "$OUT/few-token-final.log" 2>&1
+    grep -E "^(bf16|int8|fp8) " "$OUT/few-token-final.log"
+}
+
+w1_final() {  # W1, bf16 and INT8, on the code as it is
+    timeout 70 python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization none,int8 \
+        --out "$OUT/w1-final.json" > "$OUT/w1-final.log" 2>&1
+    grep -h '^W1' "$OUT/w1-final.log"
+}
+
 case "${1:-1}" in
 1)
     timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu > "$OUT/gpu-tests.log" 2>&1
@@ -114,12 +126,8 @@ case "${1:-1}" in
     # steps): the INT8/FP8 GPU tests, the 1-4-token layers, W1, and where an INT8 W1 step's time goes.
     timeout 200 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_quantization.py > "$OUT/gpu-tests-quant.log" 2>&1
     tail -2 "$OUT/gpu-tests-quant.log"
-    timeout 60 python3 -m gemma_serve.bench.quant_bench --batch 1,2,3,4 --methods bf16,int8,fp8 \
-        --out "$OUT/few-token-final.json" > "$OUT/few-token-final.log" 2>&1
-    grep -E "^(bf16|int8|fp8) " "$OUT/few-token-final.log"
-    timeout 70 python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization none,int8 \
-        --out "$OUT/w1-final.json" > "$OUT/w1-final.log" 2>&1
-    grep -h '^W1' "$OUT/w1-final.log"
+    few_token_layers
+    w1_final
     timeout 120 python3 -m gemma_serve.bench.step_profile --decode-only --decode 1:128:64 --quantization int8 \
         --out "$OUT/int8-profile" > "$OUT/int8-profile.log" 2>&1
     tail -30 "$OUT/int8-profile.log"
@@ -147,12 +155,8 @@ case "${1:-1}" in
 12)
     timeout 330 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu > "$OUT/gpu-tests.log" 2>&1
     tail -3 "$OUT/gpu-tests.log"
-    timeout 60 python3 -m gemma_serve.bench.quant_bench --batch 1,2,3,4 --methods bf16,int8,fp8 \
-        --out "$OUT/few-token-final.json" > "$OUT/few-token-final.log" 2>&1
-    grep -E "^(bf16|int8|fp8) " "$OUT/few-token-final.log"
-    timeout 70 python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization none,int8 \
-        --out "$OUT/w1-final.json" > "$OUT/w1-final.log" 2>&1
-    grep -h '^W1' "$OUT/w1-final.log"
+    few_token_layers
+    w1_final
     ;;
 13)
     # Which INT8 tile change costs the 2-4-token layers (fourteenth run: +4-6% there, -2.4% at one):
@@ -176,9 +180,7 @@ case "${1:-1}" in
 14)
     # The fourteenth run's final code (bf16 tiles per shape, INT8 tiles as before): W1, then the
     # kernel and engine tests on those tiles.
-    timeout 70 python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization none,int8 \
-        --out "$OUT/w1-final.json" > "$OUT/w1-final.log" 2>&1
-    grep -h '^W1' "$OUT/w1-final.log"
+    w1_final
     timeout 150 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_quantization.py \
         -k "kernel_matches or one_token_linear or few_token or engine_logits or gelu" > "$OUT/gpu-tests-final.log" 2>&1
     tail -2 "$OUT/gpu-tests-final.log"
