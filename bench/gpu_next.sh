@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU calls of the eleventh to fourteenth runs, and the next session's. Each writes under $OUT (default
+# GPU calls of the eleventh to fifteenth runs, and the next session's. Each writes under $OUT (default
 # bench-out/; the device returns at most 8 files a call); docs/benchmarks.md names the call behind
 # every figure.
 #
@@ -12,6 +12,9 @@
 #     INT8 o / gate_up tiles new and old: the 1-4-token layers and W1 INT8 (bench/tile_override.py).
 #   OUT=/some/dir bash bench/gpu_next.sh 14    (~3 minutes)
 #     the final code's W1 and its kernel / engine GPU tests.
+#   OUT=/some/dir bash bench/gpu_next.sh 17    (fifteenth run, ~7 minutes)
+#     W1, W2 and W3, bf16 and INT8, in one engine_bench run (the README table), then a bf16 W1 step's
+#     kernels (step_profile).
 #   OUT=/some/dir bash bench/gpu_next.sh 6     (~8 minutes)
 #     the whole GPU suite, then W2 with the default (1024-key) decode nodes against 512, one engine
 #     per run (the thirteenth run's A/B: 15,988 against 15,854 tok/s).
@@ -26,6 +29,12 @@
 #      per-projection sweep, W1 A/B (thirteenth run: slower than 2, dropped)
 #   8: the final code's INT8/FP8 GPU tests, the 1-4-token layers, W1 and an INT8 step profile
 #      (thirteenth run)
+#   15, 16 (fifteenth run, on branches gemv-early-tiles and pdl-trigger-first): 1-4 weight tiles
+#      read before the PDL wait (GEMMA_GEMV_EARLY_TILES), and every kernel letting the next be
+#      scheduled before its own wait (GEMMA_PDL_TRIGGER_FIRST): both slower on W1, not merged
+#   18, 19 (fifteenth run, on branch gemv-early-read-per-shape): one projection at a time waiting
+#      before its first weight tile (GEMMA_GEMV_LATE_SHAPES), and down alone reading 2-4 tiles early
+#      (GEMMA_GEMV_EARLY_TILES_SHAPES): every projection gains from its one early tile, none from more
 #   9, 10 (fourteenth run, on branch gemv-splits): K splits added by the kernel after the GEMV
 #      (GEMMA_GEMV_SPLITS): 1-2% slower on W1, removed
 set -u
@@ -185,8 +194,20 @@ case "${1:-1}" in
         -k "kernel_matches or one_token_linear or few_token or engine_logits or gelu" > "$OUT/gpu-tests-final.log" 2>&1
     tail -2 "$OUT/gpu-tests-final.log"
     ;;
+17)
+    # The fifteenth run's refresh of the README table on the final code: W1, W2 (three runs per
+    # engine) and W3, bf16 and INT8, in one engine_bench run; then where a bf16 W1 step's time goes
+    # (batch 1 at W1's mean context, 384 keys).
+    timeout 450 python3 -m gemma_serve.bench.engine_bench --workloads W1,W2,W3 --quantization none,int8 \
+        --w2-repeats 3 --out "$OUT/engine.json" > "$OUT/engine.log" 2>&1
+    grep -v -i warn "$OUT/engine.log" | tail -24
+    timeout 120 python3 -m gemma_serve.bench.step_profile --decode-only --decode 1:384:64 \
+        --out "$OUT/bf16-profile" > "$OUT/bf16-profile.log" 2>&1
+    tail -16 "$OUT/bf16-profile.log"
+    tar -C "$OUT" -czf "$OUT/bf16-profile.tgz" bf16-profile && rm -rf "$OUT/bf16-profile"  # one file back
+    ;;
 *)
-    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12 | 13 | 14" >&2
+    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12 | 13 | 14 | 17" >&2
     exit 2
     ;;
 esac

@@ -16,6 +16,10 @@ attention its context lengths, and the one-token GEMV its first tile of 16-bit w
 (W1 +2.8% on an H200; for 8-bit weights the loop with its first step taken out compiled slower,
 and asking L2 for weights before the wait was slower too: docs/benchmarks.md, fifth run).
 
+A kernel lets the next one be scheduled after its wait, not before: scheduled before, a projection's
+programs and their first weight tile sit beside the kernel two before them, which measured 1.5-2%
+slower on W1 (docs/benchmarks.md, fifteenth run).
+
 A kernel cannot usefully hand work to its own last program instead of to the next kernel: counting
 programs with a GPU-scope atomic (a release fence each) and running the next kernel's work on one
 program after the grid measured slower than the next kernel launched this way (docs/benchmarks.md,

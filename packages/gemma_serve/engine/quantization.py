@@ -308,7 +308,9 @@ FUSED_GELU = os.environ.get("GEMMA_FUSED_GELU", "1") == "1"
 # before it (16-bit weights and INT8 on the half2 path: W1 bf16 +2.8%, INT8 half2 590 against 550
 # tok/s on an H200); GEMMA_GEMV_EARLY_WEIGHTS=0 waits first. Not for the other 8-bit paths by default:
 # their loop with its first step taken out measured slower (INT8 float-add qkv 10.3 against 6.0 us);
-# "all" reads every kind early.
+# "all" reads every kind early. One tile is the best amount measured: each projection waiting first
+# costs 0.3-3% of W1, and 2 or 4 tiles early (or the programs scheduled a kernel sooner) slow the
+# short kernels they overlap, W1 1-8% (docs/benchmarks.md, fifteenth run).
 GEMV_EARLY_WEIGHTS = os.environ.get("GEMMA_GEMV_EARLY_WEIGHTS", "1")
 # The one-token kernel keeps several weight tiles in flight where its grid is small
 # (`prefetch_applies`); GEMMA_GEMV_PREFETCH=0 keeps one. GEMMA_GEMV_PREFETCH_TILES: how many (2, the
