@@ -35,6 +35,8 @@
 #   18, 19 (fifteenth run, on branch gemv-early-read-per-shape): one projection at a time waiting
 #      before its first weight tile (GEMMA_GEMV_LATE_SHAPES), and down alone reading 2-4 tiles early
 #      (GEMMA_GEMV_EARLY_TILES_SHAPES): every projection gains from its one early tile, none from more
+#   20 (fifteenth run, on branch norm-lead): the residual add + norm run by program 0 of the
+#      projection after it, the other programs waiting on a flag (GEMMA_NORM_LEAD): W1 17% slower
 #   9, 10 (fourteenth run, on branch gemv-splits): K splits added by the kernel after the GEMV
 #      (GEMMA_GEMV_SPLITS): 1-2% slower on W1, removed
 set -u
