@@ -47,7 +47,7 @@
 // Which thread of a block arrives at and polls the grid barrier. Lane 0 of each warp issues that
 // warp's bulk copies; a fence on a thread may wait for its own outstanding copies.
 #ifndef PF_AHEAD
-#define PF_AHEAD 4
+#define PF_AHEAD 0  // measured slower at 2, 4 and 8 (docs/benchmarks.md)
 #endif
 #ifndef GEMV_UNROLL
 #define GEMV_UNROLL 10
@@ -656,16 +656,16 @@ __global__ void __launch_bounds__(NTHREADS, 1) decode_step_kernel(Params p) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int H = (int)p.H, I = (int)p.I, NQ = (int)p.NQ, NKV = (int)p.NKV;
     const int gw = blockIdx.x * NWARPS + warp, nw = gridDim.x * NWARPS;
-    const int xs_len = I > H ? I : H;
-    // Shared memory: the rings, then x (the GEMV input, float32; also the attention scratch), the
-    // attention's constants [4][D], red.
+    // Shared memory: the rings and their barriers, the attention's constants [4][D], red [64], then
+    // x (the GEMV input, bf16; also the attention's float32 scratch). Everything before x sits at a
+    // fixed offset: with ac placed after x (at a runtime offset) nvcc 13.0 built a wrong address for
+    // it in one build (compute-sanitizer: out-of-bounds shared reads in attention_split).
     unsigned char* rings = smem;
     uint64_t* bars = reinterpret_cast<uint64_t*>(smem + NWARPS * NSLOT * CH_BYTES);
-    float* xs = reinterpret_cast<float*>(bars + NWARPS * NSLOT);
-    bf16* xb = reinterpret_cast<bf16*>(xs);  // the GEMV input, bf16 (the attention's scratch is xs)
-    float* ac = xs + xs_len;
+    float* ac = reinterpret_cast<float*>(bars + NWARPS * NSLOT);
     float* red = ac + 4 * HEAD_DIM;
-
+    float* xs = red + 64;
+    bf16* xb = reinterpret_cast<bf16*>(xs);
     Geometry geo;
     geo.rows[0] = (NQ + 2 * NKV) * HEAD_DIM; geo.k[0] = H;
     geo.rows[1] = H;                         geo.k[1] = NQ * HEAD_DIM;
