@@ -23,6 +23,14 @@ SOURCE = Path(__file__).parent / "csrc" / "decode_megakernel.cu"
 HEAD_DIM = 256
 
 
+# `struct LayerWeights` of the .cu file, field by field: (C name, LayerTensors attribute). Every
+# field is 8 bytes, so the table is an int64 tensor [layers, 15].
+LAYER_FIELDS = (("qkv", "qkv"), ("o", "o"), ("gate_up", "gate_up"), ("down", "down"), ("in_ln", "input_norm"),
+                ("post_attn", "post_attn_norm"), ("pre_ffn", "pre_ffn_norm"), ("post_ffn", "post_ffn_norm"),
+                ("q_norm", "q_norm"), ("k_norm", "k_norm"), ("k_cache", "k_cache"), ("v_cache", "v_cache"),
+                ("cos", "cos"), ("sin", "sin"), ("window", "window"))
+
+
 class _Params(ctypes.Structure):
     """Mirrors `struct Params` in the .cu file, field for field."""
 
@@ -98,9 +106,8 @@ class DecodeMegakernel:
             for w in (t.qkv, t.o, t.gate_up, t.down):
                 if w.dtype != torch.bfloat16 or not w.is_contiguous():
                     raise ValueError("weights must be contiguous bf16")
-            rows.append([x.data_ptr() for x in (t.qkv, t.o, t.gate_up, t.down, t.input_norm, t.post_attn_norm,
-                                                t.pre_ffn_norm, t.post_ffn_norm, t.q_norm, t.k_norm, t.k_cache,
-                                                t.v_cache, t.cos, t.sin)] + [t.window])
+            values = [getattr(t, attr) for _, attr in LAYER_FIELDS]
+            rows.append([v.data_ptr() if isinstance(v, torch.Tensor) else int(v) for v in values])
         self.table = torch.tensor(rows, dtype=torch.int64, device=device)
         props = torch.cuda.get_device_properties(device)
         self.blocks = props.multi_processor_count
