@@ -322,6 +322,15 @@ __device__ float block_inv_rms_sum(float ss, int n, float eps, float* red) {
 #define MAXV 2  // float4s a thread holds of an H-vector: H <= MAXV * 4 * NTHREADS (4096)
 #endif
 
+// 1 / rms of an H-vector held as MAXV float4s a thread (nv float4s in all).
+__device__ __forceinline__ float vector_inv_rms(const float4 (&v)[MAXV], int nv, int H, float eps, float* red) {
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i)
+        if (threadIdx.x + i * NTHREADS < nv) ss += v[i].x * v[i].x + v[i].y * v[i].y + v[i].z * v[i].z + v[i].w * v[i].w;
+    return block_inv_rms_sum(ss, H, eps, red);
+}
+
 // h = r + norm(d) (r, d written by other blocks this launch: read past L1; d == nullptr: h = r),
 // then xs = round_bf16(norm(h)) (w_x == nullptr: skipped). Block 0 stores h to `h_out`. All loads
 // are issued before the first reduction: one L2 round trip, not one per element.
@@ -342,12 +351,7 @@ __device__ void residual_and_norm(const float* r, const float* d, const float* w
         }
     }
     if (d) {
-        float ss = 0.f;
-#pragma unroll
-        for (int i = 0; i < MAXV; ++i)
-            if (threadIdx.x + i * NTHREADS < nv)
-                ss += dv[i].x * dv[i].x + dv[i].y * dv[i].y + dv[i].z * dv[i].z + dv[i].w * dv[i].w;
-        const float inv = block_inv_rms_sum(ss, H, eps, red);
+        const float inv = vector_inv_rms(dv, nv, H, eps, red);
 #pragma unroll
         for (int i = 0; i < MAXV; ++i) {
             hv[i].x += dv[i].x * inv * (1.f + wd[i].x);
@@ -364,12 +368,7 @@ __device__ void residual_and_norm(const float* r, const float* d, const float* w
         }
     }
     if (w_x) {
-        float ss = 0.f;
-#pragma unroll
-        for (int i = 0; i < MAXV; ++i)
-            if (threadIdx.x + i * NTHREADS < nv)
-                ss += hv[i].x * hv[i].x + hv[i].y * hv[i].y + hv[i].z * hv[i].z + hv[i].w * hv[i].w;
-        const float inv = block_inv_rms_sum(ss, H, eps, red);
+        const float inv = vector_inv_rms(hv, nv, H, eps, red);
 #pragma unroll
         for (int i = 0; i < MAXV; ++i) {
             const int v = threadIdx.x + i * NTHREADS;
