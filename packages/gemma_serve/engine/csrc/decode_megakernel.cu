@@ -235,6 +235,20 @@ __device__ __forceinline__ void l2_prefetch(Cursor& f, const Params& p, const Ge
     cursor_next(f, g, gw, nw, (int)p.n_layers);
 }
 
+#ifndef BARRIER_PF
+#define BARRIER_PF 0
+#endif
+// Before this warp waits at a grid barrier: ask L2 for its next BARRIER_PF chunks past the ring (a
+// one-shot prefetch, so DRAM keeps streaming while the grid waits; 0: off).
+__device__ __forceinline__ void prefetch_past_ring(const Cursor& c, const Params& p, const Geometry& g, int gw, int nw,
+                                                   int lane) {
+#if BARRIER_PF > 0
+    Cursor f = c;
+#pragma unroll 1
+    for (int i = 0; i < BARRIER_PF; ++i) l2_prefetch(f, p, g, gw, nw, lane);
+#endif
+}
+
 // Issue the producer cursor's chunk into `slot` and advance the cursor (all lanes keep it); move the
 // L2 prefetch cursor along with it.
 __device__ __forceinline__ void ring_issue(Ring& r, int slot, Cursor& c, Cursor& f, const Params& p, const Geometry& g,
@@ -648,6 +662,13 @@ __device__ __forceinline__ float gelu_tanh(float x) {
     return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
+// The end of a stage: the optional L2 prefetch past the ring, then the grid barrier.
+__device__ __forceinline__ void stage_end(const Cursor& c, const Params& p, const Geometry& g, int gw, int nw, int lane,
+                                          unsigned int& epoch) {
+    prefetch_past_ring(c, p, g, gw, nw, lane);
+    grid_barrier(p.barrier, epoch, p.trace);
+}
+
 // -- the kernel -----------------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(NTHREADS, 1) decode_step_kernel(Params p) {
@@ -711,15 +732,15 @@ __global__ void __launch_bounds__(NTHREADS, 1) decode_step_kernel(Params p) {
         const AttnRange ar = attention_range(p, L);
         AttnPre pre;
         attention_prefetch(p, L, ar, pre, ac);
-        grid_barrier(p.barrier, epoch, p.trace);
+        stage_end(pc, p, geo, gw, nw, lane, epoch);
         // 2. attention splits
         if (ar.active) attention_split(p, L, ar, pre, xs, ac);
-        grid_barrier(p.barrier, epoch, p.trace);
+        stage_end(pc, p, geo, gw, nw, lane, epoch);
         // 3. combine
         if (blockIdx.x == 0 && warp < NQ) attention_combine(p, ar, warp);
-        grid_barrier(p.barrier, epoch, p.trace);
+        stage_end(pc, p, geo, gw, nw, lane, epoch);
 #else
-        grid_barrier(p.barrier, epoch, p.trace);
+        stage_end(pc, p, geo, gw, nw, lane, epoch);
 #endif
         // 4. o
         load_bf16_vector(xb, p.attn_out, NQ * HEAD_DIM);
@@ -731,7 +752,7 @@ __global__ void __launch_bounds__(NTHREADS, 1) decode_step_kernel(Params p) {
                 if (lane == 0) p.o_out[r] = v;
             }
         }
-        grid_barrier(p.barrier, epoch, p.trace);
+        stage_end(pc, p, geo, gw, nw, lane, epoch);
         // 5. attention add, pre-MLP norm, gate_up -> act
         residual_and_norm(p.h2, p.o_out, L.post_attn, L.pre_ffn, p.h1, xb, H, p.eps, red);
         {
@@ -743,7 +764,7 @@ __global__ void __launch_bounds__(NTHREADS, 1) decode_step_kernel(Params p) {
                 if (lane == 0) p.act[r] = __float2bfloat16(gelu_tanh(gate) * up);
             }
         }
-        grid_barrier(p.barrier, epoch, p.trace);
+        stage_end(pc, p, geo, gw, nw, lane, epoch);
         // 6. down
         load_bf16_vector(xb, p.act, I);
         {
@@ -754,7 +775,7 @@ __global__ void __launch_bounds__(NTHREADS, 1) decode_step_kernel(Params p) {
                 if (lane == 0) p.down_out[r] = v;
             }
         }
-        grid_barrier(p.barrier, epoch, p.trace);
+        stage_end(pc, p, geo, gw, nw, lane, epoch);
     }
     if (blockIdx.x == 0) {
         const LayerWeights& L = p.layers[p.n_layers - 1];
