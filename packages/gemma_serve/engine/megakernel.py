@@ -97,7 +97,16 @@ class DecodeMegakernel:
             raise ValueError("the kernel takes head_dim 256 and two q heads per kv head")
         if self.hidden % 256 or self.inter % 256:
             raise ValueError("hidden and intermediate sizes must be multiples of 256")
+        # The .cu file's register-held vectors: H in MAXV (2) float4s a thread, I in 4 uint4s.
+        if self.hidden > 4096 or self.inter > 16384:
+            raise ValueError(f"hidden {self.hidden} > 4096 or intermediate {self.inter} > 16384: not built for it")
         self.lib = ctypes.CDLL(str(build_library(defines)))
+        self.lib.gemma_decode_smem_bytes.restype = ctypes.c_size_t
+        self.lib.gemma_decode_smem_bytes.argtypes = [ctypes.c_longlong, ctypes.c_longlong]
+        smem = self.lib.gemma_decode_smem_bytes(self.hidden, self.inter)
+        optin = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", smem)
+        if smem > optin:
+            raise ValueError(f"the kernel needs {smem} bytes of shared memory a block, the GPU allows {optin}")
         self.lib.gemma_decode_launch.restype = ctypes.c_int
         self.lib.gemma_decode_launch.argtypes = [ctypes.POINTER(_Params), ctypes.c_int, ctypes.c_void_p]
         self._layers = layers  # keeps the tensors alive
