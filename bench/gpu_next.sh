@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU calls of the eleventh to fifteenth runs, and the next session's. Each writes under $OUT (default
+# GPU calls of the eleventh to sixteenth runs, and the next session's. Each writes under $OUT (default
 # bench-out/; the device returns at most 8 files a call); docs/benchmarks.md names the call behind
 # every figure.
 #
@@ -15,6 +15,9 @@
 #   OUT=/some/dir bash bench/gpu_next.sh 17    (fifteenth run, ~7 minutes)
 #     W1, W2 and W3, bf16 and INT8, in one engine_bench run (the README table), then a bf16 W1 step's
 #     kernels (step_profile).
+#   OUT=/some/dir bash bench/gpu_next.sh 21    (sixteenth run, ~3 minutes)
+#     the batch-1 megakernel: GPU tests, bench/megakernel_probe.py with its switches, compute-sanitizer,
+#     and the engine's W1 (bf16 and INT8) beside it.
 #   OUT=/some/dir bash bench/gpu_next.sh 6     (~8 minutes)
 #     the whole GPU suite, then W2 with the default (1024-key) decode nodes against 512, one engine
 #     per run (the thirteenth run's A/B: 15,988 against 15,854 tok/s).
@@ -208,8 +211,23 @@ case "${1:-1}" in
     tail -16 "$OUT/bf16-profile.log"
     tar -C "$OUT" -czf "$OUT/bf16-profile.tgz" bf16-profile && rm -rf "$OUT/bf16-profile"  # one file back
     ;;
+21)
+    # The sixteenth run's batch-1 megakernel (engine/csrc/decode_megakernel.cu): its GPU tests, the
+    # probe (check, timing at three contexts, one traced launch, the switches that take each part
+    # out), compute-sanitizer on a small check, and the engine's W1 bf16 in the same call.
+    export PYTHONPATH=packages:.
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_decode_megakernel.py > "$OUT/gpu-tests.log" 2>&1
+    tail -1 "$OUT/gpu-tests.log"
+    timeout 240 python3 bench/megakernel_probe.py --variants "base;SKIP_ATTENTION=1;NO_GRID_BARRIER=1,SKIP_ATTENTION=1;STREAM_ONLY=1,NO_GRID_BARRIER=1,SKIP_ATTENTION=1" \
+        --out "$OUT/megakernel.json" > "$OUT/megakernel.log" 2>&1
+    grep -v "^check 6" "$OUT/megakernel.log" | tail -14
+    timeout 100 compute-sanitizer --tool memcheck --print-limit 3 python3 bench/megakernel_probe.py --quick base \
+        > "$OUT/sanitizer.log" 2>&1
+    grep "ERROR SUMMARY" "$OUT/sanitizer.log"
+    w1_final
+    ;;
 *)
-    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12 | 13 | 14 | 17" >&2
+    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12 | 13 | 14 | 17 | 21" >&2
     exit 2
     ;;
 esac
