@@ -18,6 +18,8 @@
 #   OUT=/some/dir bash bench/gpu_next.sh 21    (sixteenth run, ~3 minutes)
 #     the batch-1 megakernel: GPU tests, bench/megakernel_probe.py with its switches, compute-sanitizer,
 #     and the engine's W1 (bf16 and INT8) beside it.
+#   OUT=/some/dir bash bench/gpu_next.sh 22    (never run yet, ~3 minutes)
+#     the one-token INT8 GEMV on bulk-copy rings against the Triton one-token kernel (tma_gemv_probe).
 #   OUT=/some/dir bash bench/gpu_next.sh 6     (~8 minutes)
 #     the whole GPU suite, then W2 with the default (1024-key) decode nodes against 512, one engine
 #     per run (the thirteenth run's A/B: 15,988 against 15,854 tok/s).
@@ -226,8 +228,19 @@ case "${1:-1}" in
     grep "ERROR SUMMARY" "$OUT/sanitizer.log"
     w1_final
     ;;
+22)
+    # Written in the sixteenth run after its device time ran out, never run on a GPU yet: the one-token
+    # INT8 GEMV on bulk-copy rings (engine/csrc/one_token_gemv.cu), its GPU tests, then
+    # bench/tma_gemv_probe.py against the engine's Triton one-token kernel (34 layers' projections in a
+    # CUDA graph, and each projection alone), six ring shapes, PDL on and off.
+    export PYTHONPATH=packages:.
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_one_token_gemv.py > "$OUT/gpu-tests-gemv.log" 2>&1
+    tail -3 "$OUT/gpu-tests-gemv.log"
+    timeout 300 python3 bench/tma_gemv_probe.py --out "$OUT/tma-gemv.json" > "$OUT/tma-gemv.log" 2>&1
+    tail -14 "$OUT/tma-gemv.log"
+    ;;
 *)
-    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12 | 13 | 14 | 17 | 21" >&2
+    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12 | 13 | 14 | 17 | 21 | 22" >&2
     exit 2
     ;;
 esac

@@ -1,6 +1,6 @@
-"""The decode megakernel is called through ctypes with structs built in Python: a field out of place
-there reads one pointer as another on the GPU. These checks compare the Python side with the .cu
-file's structs, and run without a GPU or nvcc."""
+"""The experimental CUDA kernels (engine/csrc/) are called through ctypes with structs and argument
+lists built in Python: a field out of place there reads one pointer as another on the GPU. These
+checks compare the Python side with the .cu files, and run without a GPU or nvcc."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from gemma_serve.engine import megakernel
+from gemma_serve.engine import cuda_gemv, megakernel
 
 
 def c_struct_fields(name: str) -> list[tuple[str, str]]:
@@ -60,3 +60,13 @@ def test_parser_sees_every_member(name: str) -> None:
     body = re.search(rf"struct {name} \{{(.*?)\n\}};", source, re.S).group(1)
     declared = sum(line.split("//")[0].count(",") + 1 for line in body.splitlines() if ";" in line.split("//")[0])
     assert len(c_struct_fields(name)) == declared
+
+
+def test_gemv_launch_arguments_match() -> None:
+    source = cuda_gemv.SOURCE.read_text()
+    sig = re.search(r"int one_token_gemv_int8_launch\((.*?)\)\s*\{", source, re.S).group(1)
+    params = [p.strip() for p in sig.split(",")]
+    # argtypes are set on the loaded library; the wrapper passes them in this order.
+    expected = ["const void* W", "const float* scale", "const void* x", "float* y", "int N", "int K", "int blocks",
+                "int pdl", "cudaStream_t stream"]
+    assert params == expected

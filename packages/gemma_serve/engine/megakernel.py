@@ -1,8 +1,7 @@
 """The batch-1 decode step as one persistent CUDA kernel (`csrc/decode_megakernel.cu`), experimental.
 
-The library is compiled with `nvcc` on first use (cached under ~/.cache/gemma_serve) and called
-through ctypes with raw device pointers, so it needs no PyTorch headers and builds the same on any
-machine with CUDA's compiler. `DecodeMegakernel` holds one model's per-layer pointer table and the
+The library is compiled with `nvcc` on first use (`cuda_build.py`) and called through ctypes with raw
+device pointers. `DecodeMegakernel` holds one model's per-layer pointer table and the
 step's scratch buffers; `step` runs all layers for one token of one sequence and returns the
 residual stream after the last layer (the final norm and the LM head stay outside).
 """
@@ -10,16 +9,14 @@ residual stream after the last layer (the final norm and the LM head stay outsid
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).parent / "csrc" / "decode_megakernel.cu"
+from gemma_serve.engine.cuda_build import CSRC, build_shared_library
+
+SOURCE = CSRC / "decode_megakernel.cu"
 HEAD_DIM = 256
 
 
@@ -41,24 +38,11 @@ class _Params(ctypes.Structure):
         (name, ctypes.c_float) for name in ("eps", "scale", "softcap", "pad")]
 
 
-def build_library(defines: dict[str, int] | None = None, arch: str = "sm_90") -> Path:
-    """Compile the kernel into a shared library (once per source and options) and return its path.
-    `defines`: the .cu file's compile-time switches (NSLOT, CH_BYTES, BARRIER_THREAD, and the timing
-    experiments NO_GRID_BARRIER, SKIP_ATTENTION)."""
-    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    flags = ["-O3", "-lineinfo", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared",
-             *(f"-D{k}={v}" for k, v in sorted((defines or {}).items()))]
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("GEMMA_SERVE_CACHE", Path.home() / ".cache" / "gemma_serve")) / "megakernel"
-    out = cache / f"decode_megakernel-{key}.so"
-    if not out.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.tmp")
-        proc = subprocess.run([nvcc, *flags, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"nvcc failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        tmp.replace(out)
-    return out
+def build_library(defines: dict[str, int] | None = None) -> Path:
+    """The kernel's library for `defines`: the .cu file's compile-time switches (NSLOT, CH_BYTES,
+    BARRIER_THREAD, PF_AHEAD, BARRIER_PF, and the timing experiments NO_GRID_BARRIER, SKIP_ATTENTION,
+    STREAM_ONLY)."""
+    return build_shared_library(SOURCE, defines)
 
 
 @dataclass

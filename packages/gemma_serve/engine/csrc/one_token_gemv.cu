@@ -1,0 +1,168 @@
+// y[n] = scale[n] * sum_k W[n, k] x[k] for one token: INT8 weights [N, K] (one float32 scale per
+// row), x bf16 [K], y float32 [N]. Experimental, measured by bench/tma_gemv_probe.py; not on the
+// engine's path.
+//
+// Why: the sixteenth run's megakernel streamed weights through per-warp shared-memory rings filled
+// by bulk copies at 98% of the copy rate, while the engine's Triton one-token INT8 kernel reads qkv
+// and o at 56% and 45% of theirs. Here each warp owns contiguous rows and streams them the same
+// way. Its first NSLOT chunks are asked for BEFORE the programmatic-dependent-launch wait: weights
+// are never written, and bulk copies land in shared memory, not registers. The Triton kernel could
+// only read one early tile a program without losing occupancy. For qkv (10.5 MB, ~5 KB a warp)
+// that is the whole slice.
+//
+// Launched with programmatic stream serialization (PDL) so that it can start while the kernel
+// before it drains; it lets the next kernel be scheduled once its own wait returns.
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#ifndef NWARPS
+#define NWARPS 8
+#endif
+#ifndef NSLOT
+#define NSLOT 2
+#endif
+#ifndef CH_BYTES
+#define CH_BYTES 4096  // a 2560-wide INT8 row is one chunk, a 10240-wide row three (4096, 4096, 2048)
+#endif
+#define NTHREADS (NWARPS * 32)
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst)),
+        "l"(src), "r"(bytes), "r"(smem_addr(bar))
+        : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+    uint32_t done;
+    do {
+        asm volatile(
+            "{\n\t.reg .pred p;\n\t"
+            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
+            "selp.u32 %0, 1, 0, p;\n\t}"
+            : "=r"(done)
+            : "r"(smem_addr(bar)), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
+__device__ __forceinline__ float bf_lo(uint32_t u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float bf_hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
+
+// Byte k of w (a signed INT8) as a float: 2^23 + (byte ^ 0x80) placed in a float's mantissa, minus
+// 2^23 + 128. One byte permute and one add, no int-to-float conversion unit.
+__device__ __forceinline__ float i8_at(uint32_t flipped, int k) {
+    return __uint_as_float(__byte_perm(flipped, 0x4B000000u, 0x7540 + k)) - 8388736.0f;
+}
+
+// This warp's chunk number `idx` of its rows [r0, r1): the source and byte count.
+__device__ __forceinline__ const int8_t* chunk_at(const int8_t* W, int K, int r0, int idx, int per_row, uint32_t& bytes) {
+    const int row = r0 + idx / per_row, c = idx % per_row;
+    const int first = c * CH_BYTES;
+    bytes = (uint32_t)(K - first < CH_BYTES ? K - first : CH_BYTES);
+    return W + (size_t)row * K + first;
+}
+
+__global__ void __launch_bounds__(NTHREADS) one_token_gemv_int8(const int8_t* __restrict__ W,
+                                                                const float* __restrict__ scale,
+                                                                const __nv_bfloat16* __restrict__ x,
+                                                                float* __restrict__ y, int N, int K) {
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    unsigned char* ring = smem + warp * NSLOT * CH_BYTES;
+    uint64_t* bars = reinterpret_cast<uint64_t*>(smem + NWARPS * NSLOT * CH_BYTES) + warp * NSLOT;
+    __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem + NWARPS * NSLOT * CH_BYTES + NWARPS * NSLOT * 8);
+
+    const long long gw = (long long)blockIdx.x * NWARPS + warp, nw = (long long)gridDim.x * NWARPS;
+    const int r0 = (int)(N * gw / nw), r1 = (int)(N * (gw + 1) / nw);
+    const int per_row = (K + CH_BYTES - 1) / CH_BYTES;
+    const int total = (r1 - r0) * per_row;
+
+    // Before the wait: the ring's first chunks (weights: no kernel writes them).
+    if (lane == 0) {
+        for (int s = 0; s < NSLOT; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bars + s)));
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        for (int s = 0; s < NSLOT && s < total; ++s) {
+            uint32_t bytes;
+            const int8_t* src = chunk_at(W, K, r0, s, per_row, bytes);
+            bulk_load(ring + s * CH_BYTES, src, bytes, bars + s);
+        }
+    }
+    __syncwarp();
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+    for (int v = threadIdx.x; v < K / 8; v += NTHREADS)
+        reinterpret_cast<uint4*>(xs)[v] = reinterpret_cast<const uint4*>(x)[v];
+    __syncthreads();
+
+    float acc0 = 0.f, acc1 = 0.f;
+    for (int idx = 0; idx < total; ++idx) {
+        const int slot = idx % NSLOT, c = idx % per_row;
+        mbar_wait(bars + slot, (uint32_t)((idx / NSLOT) & 1));
+        const int first = c * CH_BYTES;
+        const int n = K - first < CH_BYTES ? K - first : CH_BYTES;
+        const uint2* w2 = reinterpret_cast<const uint2*>(ring + slot * CH_BYTES);  // 8 weights a lane a step
+        const uint4* x4 = reinterpret_cast<const uint4*>(xs + first);              // their 8 inputs
+#pragma unroll 4
+        for (int v = lane; v < n / 8; v += 32) {
+            const uint2 w = w2[v];
+            const uint4 xv = x4[v];
+            const uint32_t a = w.x ^ 0x80808080u, b = w.y ^ 0x80808080u;
+            acc0 = fmaf(i8_at(a, 0), bf_lo(xv.x), acc0);
+            acc1 = fmaf(i8_at(a, 1), bf_hi(xv.x), acc1);
+            acc0 = fmaf(i8_at(a, 2), bf_lo(xv.y), acc0);
+            acc1 = fmaf(i8_at(a, 3), bf_hi(xv.y), acc1);
+            acc0 = fmaf(i8_at(b, 0), bf_lo(xv.z), acc0);
+            acc1 = fmaf(i8_at(b, 1), bf_hi(xv.z), acc1);
+            acc0 = fmaf(i8_at(b, 2), bf_lo(xv.w), acc0);
+            acc1 = fmaf(i8_at(b, 3), bf_hi(xv.w), acc1);
+        }
+        __syncwarp();
+        if (lane == 0 && idx + NSLOT < total) {  // refill the slot just read
+            uint32_t bytes;
+            const int8_t* src = chunk_at(W, K, r0, idx + NSLOT, per_row, bytes);
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            bulk_load(ring + slot * CH_BYTES, src, bytes, bars + slot);
+        }
+        if (c == per_row - 1) {  // the row's last chunk: reduce, scale, store
+            float s = acc0 + acc1;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            const int row = r0 + idx / per_row;
+            if (lane == 0) y[row] = s * scale[row];
+            acc0 = 0.f;
+            acc1 = 0.f;
+        }
+    }
+}
+
+extern "C" {
+
+size_t one_token_gemv_smem_bytes(int K) { return (size_t)NWARPS * NSLOT * (CH_BYTES + 8) + (size_t)K * 2; }
+
+// One launch on `stream` with `blocks` blocks; `pdl`: programmatic stream serialization. Returns a
+// cudaError_t as int. K must be a multiple of 16 and W, x 16-byte aligned.
+int one_token_gemv_int8_launch(const void* W, const float* scale, const void* x, float* y, int N, int K, int blocks,
+                               int pdl, cudaStream_t stream) {
+    const size_t smem = one_token_gemv_smem_bytes(K);
+    cudaError_t err = cudaFuncSetAttribute(one_token_gemv_int8, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return (int)err;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(NTHREADS);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    return (int)cudaLaunchKernelEx(&cfg, one_token_gemv_int8, (const int8_t*)W, scale, (const __nv_bfloat16*)x, y, N, K);
+}
+
+}  // extern "C"
