@@ -18,8 +18,9 @@
 #   OUT=/some/dir bash bench/gpu_next.sh 21    (sixteenth run, ~3 minutes)
 #     the batch-1 megakernel: GPU tests, bench/megakernel_probe.py with its switches, compute-sanitizer,
 #     and the engine's W1 (bf16 and INT8) beside it.
-#   OUT=/some/dir bash bench/gpu_next.sh 22    (never run yet, ~3 minutes)
-#     the one-token INT8 GEMV on bulk-copy rings against the Triton one-token kernel (tma_gemv_probe).
+#   OUT=/some/dir bash bench/gpu_next.sh 22    (never run yet, ~7 minutes)
+#     the one-token INT8 GEMV on bulk-copy rings against the Triton one-token kernel (tma_gemv_probe),
+#     then W1 INT8 with GEMMA_CUDA_GEMV=1 against 0, A B A B.
 #   OUT=/some/dir bash bench/gpu_next.sh 6     (~8 minutes)
 #     the whole GPU suite, then W2 with the default (1024-key) decode nodes against 512, one engine
 #     per run (the thirteenth run's A/B: 15,988 against 15,854 tok/s).
@@ -238,6 +239,11 @@ case "${1:-1}" in
     tail -3 "$OUT/gpu-tests-gemv.log"
     timeout 300 python3 bench/tma_gemv_probe.py --out "$OUT/tma-gemv.json" > "$OUT/tma-gemv.log" 2>&1
     tail -14 "$OUT/tma-gemv.log"
+    # W1 INT8 with the engine's one-token INT8 projections on it (GEMMA_CUDA_GEMV=1) against Triton, A B A B.
+    for flag in 1 0 1 0; do
+        GEMMA_CUDA_GEMV=$flag timeout 70 python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization int8 \
+            --out "$OUT/w1-cuda-gemv$flag.json" 2>&1 | grep -h '^W1' | sed "s/^/GEMMA_CUDA_GEMV=$flag /"
+    done | tee "$OUT/w1-cuda-gemv.log"
     ;;
 *)
     echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12 | 13 | 14 | 17 | 21 | 22" >&2
