@@ -18,7 +18,9 @@ def build_shared_library(source: Path, defines: dict[str, int] | None = None, ar
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     flags = ["-O3", "-lineinfo", f"-arch={arch}", "-Xcompiler", "-fPIC", "-shared",
              *(f"-D{k}={v}" for k, v in sorted((defines or {}).items()))]
-    key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    # The headers beside the sources (csrc/*.cuh) count too: a changed header rebuilds every library.
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.cuh")))
+    key = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("GEMMA_SERVE_CACHE", Path.home() / ".cache" / "gemma_serve")) / "cuda"
     out = cache / f"{source.stem}-{key}.so"
     if not out.exists():

@@ -17,6 +17,8 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "bulk_copy.cuh"
+
 #ifndef NWARPS
 #define NWARPS 8
 #endif
@@ -27,32 +29,6 @@
 #define CH_BYTES 4096  // a 2560-wide INT8 row is one chunk, a 10240-wide row three (4096, 4096, 2048)
 #endif
 #define NTHREADS (NWARPS * 32)
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
-    asm volatile(
-        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst)),
-        "l"(src), "r"(bytes), "r"(smem_addr(bar))
-        : "memory");
-}
-
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-    uint32_t done;
-    do {
-        asm volatile(
-            "{\n\t.reg .pred p;\n\t"
-            "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\t"
-            "selp.u32 %0, 1, 0, p;\n\t}"
-            : "=r"(done)
-            : "r"(smem_addr(bar)), "r"(parity)
-            : "memory");
-    } while (!done);
-}
-
-__device__ __forceinline__ float bf_lo(uint32_t u) { return __uint_as_float(u << 16); }
-__device__ __forceinline__ float bf_hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
 
 // Byte k of w (a signed INT8) as a float: 2^23 + (byte ^ 0x80) placed in a float's mantissa, minus
 // 2^23 + 128. One byte permute and one add, no int-to-float conversion unit.
@@ -97,7 +73,7 @@ __global__ void __launch_bounds__(NTHREADS) one_token_gemv_int8(const int8_t* __
 
     // Before the wait: the ring's first chunks (weights: no kernel writes them).
     if (lane == 0) {
-        for (int s = 0; s < NSLOT; ++s) asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem_addr(bars + s)));
+        for (int s = 0; s < NSLOT; ++s) mbar_init(bars + s, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
         for (int s = 0; s < NSLOT && s < total; ++s) {
             uint32_t bytes;
@@ -144,7 +120,7 @@ __global__ void __launch_bounds__(NTHREADS) one_token_gemv_int8(const int8_t* __
         if (c == per_row - 1) {  // a row's last chunk: reduce and scale
             float s = acc0 + acc1;
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            s = warp_sum(s);
             acc0 = 0.f;
             acc1 = 0.f;
             const int per_unit = GELU ? 2 * per_row : per_row;
