@@ -152,9 +152,15 @@ size_t one_token_gemv_smem_bytes(int K) { return (size_t)NWARPS * NSLOT * (CH_BY
 int one_token_gemv_int8_launch(const void* W, const float* scale, const void* x, void* y, int n_out, int K, int gelu,
                                int out_bf16, int blocks, int pdl, cudaStream_t stream) {
     const size_t smem = one_token_gemv_smem_bytes(K);
-    const void* fn = gelu ? (const void*)one_token_gemv_int8<true> : (const void*)one_token_gemv_int8<false>;
-    cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (err != cudaSuccess) return (int)err;
+    // Raise the shared-memory limit only when it grows: the warm-up calls before a CUDA graph capture
+    // set it, so nothing but launches happens while a graph is being captured.
+    static size_t configured[2] = {0, 0};
+    if (smem > configured[gelu ? 1 : 0]) {
+        const void* fn = gelu ? (const void*)one_token_gemv_int8<true> : (const void*)one_token_gemv_int8<false>;
+        cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (err != cudaSuccess) return (int)err;
+        configured[gelu ? 1 : 0] = smem;
+    }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(blocks);
     cfg.blockDim = dim3(NTHREADS);
