@@ -118,9 +118,7 @@ __global__ void __launch_bounds__(NTHREADS) one_token_gemv_int8(const int8_t* __
             bulk_load(ring + slot * CH_BYTES, src, bytes, bars + slot);
         }
         if (c == per_row - 1) {  // a row's last chunk: reduce and scale
-            float s = acc0 + acc1;
-#pragma unroll
-            s = warp_sum(s);
+            const float s = warp_sum(acc0 + acc1);
             acc0 = 0.f;
             acc1 = 0.f;
             const int per_unit = GELU ? 2 * per_row : per_row;
