@@ -84,8 +84,22 @@ __global__ void __launch_bounds__(NTHREADS) one_token_gemv_int8(const int8_t* __
     __syncwarp();
     asm volatile("griddepcontrol.wait;" ::: "memory");
     asm volatile("griddepcontrol.launch_dependents;" :::);
-    for (int v = threadIdx.x; v < K / 8; v += NTHREADS)
-        reinterpret_cast<uint4*>(xs)[v] = reinterpret_cast<const uint4*>(x)[v];
+    // x: up to 8 of a thread's loads issued before any store (one L2 round trip per 8 x NTHREADS
+    // vectors of 8, not one per vector; one round for K up to 16384 at 8 warps).
+#pragma unroll 1
+    for (int base = 0; base < K / 8; base += 8 * NTHREADS) {
+        uint4 u[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int v = base + threadIdx.x + i * NTHREADS;
+            if (v < K / 8) u[i] = reinterpret_cast<const uint4*>(x)[v];
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int v = base + threadIdx.x + i * NTHREADS;
+            if (v < K / 8) reinterpret_cast<uint4*>(xs)[v] = u[i];
+        }
+    }
     __syncthreads();
 
     float acc0 = 0.f, acc1 = 0.f, gate = 0.f;
