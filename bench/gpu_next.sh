@@ -230,19 +230,27 @@ case "${1:-1}" in
     w1_final
     ;;
 22)
-    # Written in the sixteenth run after its device time ran out, never run on a GPU yet: the one-token
-    # INT8 GEMV on bulk-copy rings (engine/csrc/one_token_gemv.cu), its GPU tests, then
+    # The one-token GEMV on bulk-copy rings (engine/csrc/one_token_gemv.cu), INT8 and bf16 weights,
+    # whole rows a chunk (seventeenth run): its GPU tests and a memcheck of its odd shapes, then
     # bench/tma_gemv_probe.py against the engine's Triton one-token kernel (34 layers' projections in a
-    # CUDA graph, and each projection alone), six ring shapes, PDL on and off.
+    # CUDA graph, and each projection alone) for eight ring shapes, then W1 with the engine's one-token
+    # projections on the fastest shape (GEMMA_CUDA_GEMV=1) against Triton, A B A B, INT8 then bf16.
     export PYTHONPATH=packages:.
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_one_token_gemv.py > "$OUT/gpu-tests-gemv.log" 2>&1
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_one_token_gemv.py > "$OUT/gpu-tests-gemv.log" 2>&1
     tail -3 "$OUT/gpu-tests-gemv.log"
-    timeout 300 python3 bench/tma_gemv_probe.py --out "$OUT/tma-gemv.json" > "$OUT/tma-gemv.log" 2>&1
-    tail -14 "$OUT/tma-gemv.log"
-    # W1 INT8 with the engine's one-token INT8 projections on it (GEMMA_CUDA_GEMV=1) against Triton, A B A B.
-    for flag in 1 0 1 0; do
-        GEMMA_CUDA_GEMV=$flag timeout 70 python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization int8 \
-            --out "$OUT/w1-cuda-gemv$flag.json" 2>&1 | grep -h '^W1' | sed "s/^/GEMMA_CUDA_GEMV=$flag /"
+    timeout 120 compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider -x \
+        tests/gpu/test_one_token_gemv.py -k "odd or gelu or 1024" >> "$OUT/gpu-tests-gemv.log" 2>&1
+    grep -h "ERROR SUMMARY\|passed\|failed" "$OUT/gpu-tests-gemv.log" | tail -3
+    timeout 240 python3 bench/tma_gemv_probe.py --out "$OUT/tma-gemv.json" > "$OUT/tma-gemv.log" 2>&1
+    grep -v "^\[" "$OUT/tma-gemv.log" | tail -4; grep "^\[" "$OUT/tma-gemv.log"
+    for method in int8 bf16; do
+        shape=$(sed -n "s/^best $method //p" "$OUT/tma-gemv.log")
+        quantization=$([ "$method" = bf16 ] && echo none || echo int8)
+        for flag in 1 0 1 0; do
+            GEMMA_CUDA_GEMV=$flag GEMMA_CUDA_GEMV_SHAPE=${shape:-16,2,5120,1} timeout 70 python3 -m gemma_serve.bench.engine_bench \
+                --workloads W1 --quantization $quantization --out "$OUT/w1-$method-cuda-gemv$flag.json" 2>&1 \
+                | grep -h '^W1' | sed "s/^/GEMMA_CUDA_GEMV=$flag shape=$shape /"
+        done
     done | tee "$OUT/w1-cuda-gemv.log"
     ;;
 *)

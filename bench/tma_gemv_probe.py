@@ -1,12 +1,13 @@
-"""The one-token INT8 GEMV on bulk-copy rings (engine/csrc/one_token_gemv.cu) against the engine's
-Triton one-token kernel: results against a float32 product, then the 34 layers' four projections
-of Gemma 3 4B back to back in one CUDA graph (the shape of a W1 step without its short kernels), and
-each projection alone, for a few ring shapes, with and without PDL.
+"""The one-token GEMV on bulk-copy rings (engine/csrc/one_token_gemv.cu) against the engine's Triton
+one-token kernel, INT8 and bf16 weights: results against a float32 product, then the 34 layers'
+four projections of Gemma 3 4B back to back in one CUDA graph (the shape of a W1 step without its
+short kernels), and each projection alone, for several ring shapes, with and without PDL.
 
     PYTHONPATH=packages python3 bench/tma_gemv_probe.py --out tma-gemv.json
 
-Needs a CUDA GPU and nvcc. For scale (docs/benchmarks.md, thirteenth run): the Triton kernel's 34
-layers took 0.998 ms at one token; INT8 W1 at 1.6x bf16 needs ~0.13 ms less per step.
+Prints, last, one line a weight type: "best int8 16,2,5120,1" (the GEMMA_CUDA_GEMV_SHAPE of the
+fastest ring shape with PDL). Needs a CUDA GPU and nvcc. For scale (docs/benchmarks.md): the Triton
+kernel's 34 layers took 1.00 ms (INT8) at one token; INT8 W1 at 1.6x bf16 needs ~0.13 ms less per step.
 """
 
 from __future__ import annotations
@@ -20,91 +21,101 @@ import torch
 
 from gemma_serve.bench import quant_bench
 from gemma_serve.engine import quantization as quant
-from gemma_serve.engine.cuda_gemv import OneTokenGemvInt8
+from gemma_serve.engine.cuda_gemv import MAX_SHARED_BYTES, OneTokenGemv
 
-# (nwarps, nslots, chunk bytes, blocks per SM, PDL)
-VARIANTS = [(8, 2, 4096, 2, True), (8, 2, 4096, 2, False), (8, 2, 2048, 2, True), (4, 4, 4096, 2, True),
-            (16, 2, 4096, 1, True), (8, 3, 4096, 1, True)]
-
-
-def check(gemv: OneTokenGemvInt8, shapes: dict[str, tuple[int, int]]) -> dict[str, float]:
-    """Relative max error of each shape's product against float32 (the order of the sums differs)."""
-    errs = {}
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    for name, (n, k) in shapes.items():
-        w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).bfloat16()
-        q, s = quant.quantize_weight(w, "int8")
-        x = torch.randn(k, device="cuda", generator=gen).bfloat16()
-        ref = (q.float() * s[:, None]) @ x.float()
-        out = torch.empty(n, device="cuda")
-        gemv(x, q, s, out)
-        torch.cuda.synchronize()
-        errs[name] = ((out - ref).abs().max() / ref.abs().max()).item()
-    return errs
+# (warps, slots, chunk bytes, blocks per SM, PDL). With INT8 K = 2560, a 4096-byte chunk holds one
+# row (the first version's best, at 57% of the copy rate), 5120 and 6144 two, 8192 three, 12288 four.
+VARIANTS = [(16, 2, 4096, 1, True), (16, 2, 5120, 1, True), (16, 2, 5120, 1, False), (16, 2, 6144, 1, True),
+            (16, 3, 4096, 1, True), (12, 2, 8192, 1, True), (8, 2, 12288, 1, True), (8, 2, 5120, 2, True)]
 
 
-def chain(gemv: OneTokenGemvInt8, weights: list[dict], xs: dict[int, torch.Tensor], outs: dict[int, torch.Tensor]):
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def weight_of(w) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return w if isinstance(w, tuple) else (w, None)
+
+
+def chain(gemv: OneTokenGemv, weights: list[dict], xs: dict[int, torch.Tensor], outs: dict[int, torch.Tensor]):
     def run() -> None:
         for layer in weights:
-            for q, s in layer.values():
+            for w in layer.values():
+                q, s = weight_of(w)
                 gemv(xs[q.shape[1]], q, s, outs[q.shape[0]])
     return run
+
+
+def probe(method: str, layers: int, copy: float) -> dict:
+    """Errors and timings of one weight type ("int8" or "bf16")."""
+    shapes = quant_bench.SHAPES
+    weights = quant_bench.make_weights(method, shapes, layers)
+    xs_2d = quant_bench.inputs(1)
+    xs = {k: v[0].contiguous() for k, v in xs_2d.items()}
+    outs = {n: torch.empty(n, device="cuda") for n, _ in shapes.values()}
+    res: dict = dict(method=method, variants=[])
+
+    errs, vs_triton = {}, {}
+    for name, w in weights[0].items():
+        q, s = weight_of(w)
+        ref = (q.float() * s[:, None] if s is not None else q.float()) @ xs[q.shape[1]].float()
+        mine = OneTokenGemv()(xs[q.shape[1]], q, s, torch.empty(q.shape[0], device="cuda"))
+        cfg = None if s is not None else quant.one_token_config(*q.shape)
+        tri = quant.triton_weight_only_linear(xs_2d[q.shape[1]], q, s, cfg, out_dtype=torch.float32)[0]
+        errs[name], vs_triton[name] = rel_err(mine, ref), rel_err(tri, ref)
+    res.update(errors=errs, triton_errors=vs_triton)
+    print(f"[{method}] rel max err vs float32, CUDA: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
+          + "; Triton: " + ", ".join(f"{k} {v:.1e}" for k, v in vs_triton.items()))
+
+    gemv_flag = method == "bf16"  # 16-bit weights on the Triton one-token kernel, as the engine runs them
+    triton_ms = quant_bench.graph_ms(quant_bench.step_fn(weights, xs_2d, gemv=gemv_flag))
+    bound_ms = quant_bench.weight_bytes(weights) / (copy * 1e9) * 1e3
+    per_triton = {}
+    for name in shapes:
+        only = [{name: layer[name]} for layer in weights]
+        per_triton[name] = quant_bench.graph_ms(quant_bench.step_fn(only, xs_2d, gemv=gemv_flag)) * 1e3 / layers
+    res.update(triton_ms=triton_ms, bound_ms=bound_ms, triton_us=per_triton)
+    print(f"[{method}] {layers} layers, 4 projections: copy bound {bound_ms:.3f} ms; Triton one-token "
+          f"{triton_ms:.3f} ms ({100 * bound_ms / triton_ms:.1f}%)")
+    print(f"[{method}] per projection, us a layer, Triton: " + ", ".join(f"{k} {v:.2f}" for k, v in per_triton.items()))
+    print(f"[{method}] variant (warps, slots, chunk, blocks/SM, PDL) | all ms | % of copy | " + " | ".join(shapes))
+    for nwarps, nslots, chunk, per_sm, pdl in VARIANTS:
+        gemv = OneTokenGemv(nwarps, nslots, chunk, per_sm, pdl)
+        if gemv.shared_bytes(max(k for _, k in shapes.values())) > MAX_SHARED_BYTES:
+            continue
+        ms = quant_bench.graph_ms(chain(gemv, weights, xs, outs))
+        per = {}
+        for name in shapes:
+            only = [{name: layer[name]} for layer in weights]
+            per[name] = quant_bench.graph_ms(chain(gemv, only, xs, outs)) * 1e3 / layers
+        row = dict(nwarps=nwarps, nslots=nslots, chunk=chunk, blocks_per_sm=per_sm, pdl=pdl, ms=ms,
+                   pct_copy=100 * bound_ms / ms, us=per)
+        res["variants"].append(row)
+        print(f"[{method}] ({nwarps}, {nslots}, {chunk}, {per_sm}, {pdl}) | {ms:.3f} | {row['pct_copy']:.1f}% | "
+              + " | ".join(f"{v:.2f}" for v in per.values()))
+    best = min((r for r in res["variants"] if r["pdl"]), key=lambda r: r["ms"])
+    res["best_shape"] = f"{best['nwarps']},{best['nslots']},{best['chunk']},{best['blocks_per_sm']}"
+    res["ok"] = all(v < 1e-4 for v in errs.values())
+    del weights
+    torch.cuda.empty_cache()
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=34)
+    ap.add_argument("--methods", default="int8,bf16")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    shapes = quant_bench.SHAPES
     copy = quant_bench.copy_rate_gbps()
-    result: dict = dict(device=torch.cuda.get_device_name(), copy_gbps=copy, variants=[])
-
-    errs = check(OneTokenGemvInt8(), shapes)
-    print("rel max err vs float32: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
-    result["errors"] = errs
-    ok = all(v < 1e-3 for v in errs.values())
-
-    weights = quant_bench.make_weights("int8", shapes, args.layers)
-    xs_2d = quant_bench.inputs(1)
-    xs = {k: v[0].contiguous() for k, v in xs_2d.items()}
-    outs = {n: torch.empty(n, device="cuda") for n, _ in shapes.values()}
-    # Triton's output for the same inputs, as a cross-check of the two kernels.
-    q, s = weights[0]["qkv"]
-    triton_y = quant.triton_weight_only_linear(xs_2d[q.shape[1]], q, s, out_dtype=torch.float32)[0]
-    mine = OneTokenGemvInt8()(xs[q.shape[1]], q, s, torch.empty(q.shape[0], device="cuda"))
-    result["vs_triton_rel_err"] = ((mine - triton_y).abs().max() / triton_y.abs().max()).item()
-    print(f"qkv against the Triton kernel: rel max err {result['vs_triton_rel_err']:.1e}")
-
-    def bytes_of(ws: list[dict]) -> int:
-        return quant_bench.weight_bytes(ws)
-
-    triton_ms = quant_bench.graph_ms(quant_bench.step_fn(weights, xs_2d))
-    bound_ms = bytes_of(weights) / (copy * 1e9) * 1e3
-    per_proj_triton = {}
-    for name in shapes:
-        only = [{name: layer[name]} for layer in weights]
-        per_proj_triton[name] = quant_bench.graph_ms(quant_bench.step_fn(only, xs_2d)) * 1e3 / args.layers
-    result.update(triton_ms=triton_ms, bound_ms=bound_ms, triton_us=per_proj_triton)
-    print(f"{args.layers} layers, 4 projections: copy bound {bound_ms:.3f} ms; Triton one-token {triton_ms:.3f} ms "
-          f"({100 * bound_ms / triton_ms:.1f}%)")
-    print("per projection, us a layer, Triton: " + ", ".join(f"{k} {v:.2f}" for k, v in per_proj_triton.items()))
-    print("variant (warps, slots, chunk, blocks/SM, PDL) | all ms | % of copy | " + " | ".join(shapes))
-    for nwarps, nslots, chunk, per_sm, pdl in VARIANTS:
-        gemv = OneTokenGemvInt8(nwarps, nslots, chunk, per_sm, pdl)
-        ms = quant_bench.graph_ms(chain(gemv, weights, xs, outs))
-        per = {}
-        for name in shapes:
-            only = [{name: layer[name]} for layer in weights]
-            per[name] = quant_bench.graph_ms(chain(gemv, only, xs, outs)) * 1e3 / args.layers
-        row = dict(nwarps=nwarps, nslots=nslots, chunk=chunk, blocks_per_sm=per_sm, pdl=pdl, ms=ms,
-                   pct_copy=100 * bound_ms / ms, us=per)
-        result["variants"].append(row)
-        print(f"({nwarps}, {nslots}, {chunk}, {per_sm}, {pdl}) | {ms:.3f} | {row['pct_copy']:.1f}% | "
-              + " | ".join(f"{v:.2f}" for v in per.values()))
+    result: dict = dict(device=torch.cuda.get_device_name(), copy_gbps=copy, methods={})
+    for method in args.methods.split(","):
+        result["methods"][method] = probe(method, args.layers, copy)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
-    return 0 if ok else 1
+    for method, res in result["methods"].items():
+        print(f"best {method} {res['best_shape']}")
+    return 0 if all(r["ok"] for r in result["methods"].values()) else 1
 
 
 if __name__ == "__main__":

@@ -64,11 +64,11 @@ def test_parser_sees_every_member(name: str) -> None:
 
 def test_gemv_launch_arguments_match() -> None:
     source = cuda_gemv.SOURCE.read_text()
-    sig = re.search(r"int one_token_gemv_int8_launch\((.*?)\)\s*\{", source, re.S).group(1)
+    sig = re.search(r"int one_token_gemv_launch\((.*?)\)\s*\{", source, re.S).group(1)
     params = [" ".join(p.split()) for p in sig.split(",")]
     # The wrapper's call passes these in this order; its argtypes list must have one entry each.
     expected = ["const void* W", "const float* scale", "const void* x", "void* y", "int n_out", "int K", "int gelu",
-                "int out_bf16", "int blocks", "int pdl", "cudaStream_t stream"]
+                "int wbf16", "int out_bf16", "int blocks", "int pdl", "cudaStream_t stream"]
     assert params == expected
     wrapper = cuda_gemv.SOURCE.with_suffix("").parent.parent / "cuda_gemv.py"
     argtypes = re.search(r"argtypes = \[(.*?)\]", wrapper.read_text(), re.S).group(1)

@@ -1,59 +1,75 @@
-"""The one-token INT8 GEMV on bulk-copy rings (`csrc/one_token_gemv.cu`), experimental: measured
-against the engine's Triton one-token kernel by `bench/tma_gemv_probe.py`; the engine's one-token
-INT8 projections take it with GEMMA_CUDA_GEMV=1 (`quantization.triton_weight_only_linear`)."""
+"""The one-token GEMV on bulk-copy rings (`csrc/one_token_gemv.cu`), experimental: INT8 weights with
+float32 row scales, or bf16 weights, against a bf16 token. Measured against the engine's Triton
+one-token kernel by `bench/tma_gemv_probe.py`; the engine's one-token projections take it with
+GEMMA_CUDA_GEMV=1 (`quantization.triton_weight_only_linear`), in the ring shape
+GEMMA_CUDA_GEMV_SHAPE="warps,slots,chunk bytes,blocks per SM" (default 16,2,5120,1)."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import os
 
 import torch
 
 from gemma_serve.engine.cuda_build import CSRC, build_shared_library
 
 SOURCE = CSRC / "one_token_gemv.cu"
+# A block's shared memory: its rings, their barriers and x (2 K bytes), within the 227 KB a block may have.
+MAX_SHARED_BYTES = 227 * 1024
 
 
 @functools.lru_cache(maxsize=None)
 def _library(nwarps: int, nslots: int, chunk_bytes: int) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build_shared_library(SOURCE, dict(NWARPS=nwarps, NSLOT=nslots, CH_BYTES=chunk_bytes))))
-    lib.one_token_gemv_int8_launch.restype = ctypes.c_int
-    lib.one_token_gemv_int8_launch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                               ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                               ctypes.c_int, ctypes.c_void_p]
+    lib.one_token_gemv_launch.restype = ctypes.c_int
+    lib.one_token_gemv_launch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                          ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                          ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     return lib
 
 
-class OneTokenGemvInt8:
-    """y [N] float32 = (qweight [N, K] int8 * scale [N]) @ x [K] bf16, one token, `blocks_per_sm`
-    blocks of `nwarps` warps on each multiprocessor, each warp streaming its rows through `nslots`
-    shared-memory slots of `chunk_bytes`."""
+class OneTokenGemv:
+    """y [N] = (weight [N, K] (* scale [N] for INT8)) @ x [K] bf16, one token: `blocks_per_sm` blocks
+    of `nwarps` warps on each multiprocessor, each warp streaming its rows through `nslots`
+    shared-memory slots of `chunk_bytes` (as many whole rows as fit, or parts of one)."""
 
-    def __init__(self, nwarps: int = 8, nslots: int = 2, chunk_bytes: int = 4096, blocks_per_sm: int = 2,
+    def __init__(self, nwarps: int = 16, nslots: int = 2, chunk_bytes: int = 5120, blocks_per_sm: int = 1,
                  pdl: bool = True) -> None:
+        if chunk_bytes % 16 or not (1 <= nwarps <= 32 and nslots >= 1 and blocks_per_sm >= 1):
+            raise ValueError(f"ring shape: {nwarps} warps, {nslots} slots of {chunk_bytes} bytes (a multiple of 16)")
+        self.nwarps, self.nslots, self.chunk_bytes = nwarps, nslots, chunk_bytes
         self.lib = _library(nwarps, nslots, chunk_bytes)
         self.blocks_per_sm, self.pdl = blocks_per_sm, pdl
 
-    def __call__(self, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, out: torch.Tensor,
+    def shared_bytes(self, k: int) -> int:
+        return self.nwarps * self.nslots * (self.chunk_bytes + 8) + 2 * k
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor,
                  gelu: bool = False) -> torch.Tensor:
-        """out [n_out] (float32 or bf16) = the product; gelu: qweight is a gate_up matrix [2 n_out, K]
-        and out = gelu_tanh(gate) * up."""
-        n, k = qweight.shape
+        """out [n_out] (float32 or bf16) = the product; gelu: weight is a gate_up matrix [2 n_out, K]
+        and out = gelu_tanh(gate) * up. INT8 weights take float32 scales, bf16 weights none."""
+        n, k = weight.shape
         n_out = n // 2 if gelu else n
-        if qweight.dtype != torch.int8 or x.dtype != torch.bfloat16 or scale.dtype != torch.float32:
-            raise ValueError("takes int8 weights, float32 scales and a bf16 input")
+        int8 = weight.dtype == torch.int8
+        if x.dtype != torch.bfloat16 or not ((int8 and scale is not None and scale.dtype == torch.float32)
+                                             or (weight.dtype == torch.bfloat16 and scale is None)):
+            raise ValueError(f"takes int8 weights with float32 scales or bf16 weights without, and a bf16 input; "
+                             f"got {weight.dtype}, {None if scale is None else scale.dtype}, x {x.dtype}")
         if out.dtype not in (torch.float32, torch.bfloat16) or not out.is_contiguous():
             raise ValueError(f"the output must be contiguous float32 or bf16, got {out.dtype}")
         if (k % 16 or x.numel() != k or out.numel() != n_out or (gelu and n % 2)
-                or not (qweight.is_contiguous() and x.is_contiguous())):
-            raise ValueError(f"shapes: weight {tuple(qweight.shape)}, x {tuple(x.shape)}, out {tuple(out.shape)}")
+                or not (weight.is_contiguous() and x.is_contiguous())):
+            raise ValueError(f"shapes: weight {tuple(weight.shape)}, x {tuple(x.shape)}, out {tuple(out.shape)}")
+        if self.shared_bytes(k) > MAX_SHARED_BYTES:
+            raise ValueError(f"K={k}: {self.shared_bytes(k)} bytes of shared memory a block, more than {MAX_SHARED_BYTES}")
         blocks = self.blocks_per_sm * _sm_count(x.device.index or 0)
         stream = torch.cuda.current_stream(x.device).cuda_stream
-        err = self.lib.one_token_gemv_int8_launch(qweight.data_ptr(), scale.data_ptr(), x.data_ptr(), out.data_ptr(),
-                                                  n_out, k, int(gelu), int(out.dtype == torch.bfloat16), blocks,
-                                                  int(self.pdl), stream)
+        err = self.lib.one_token_gemv_launch(weight.data_ptr(), 0 if scale is None else scale.data_ptr(),
+                                             x.data_ptr(), out.data_ptr(), n_out, k, int(gelu), int(not int8),
+                                             int(out.dtype == torch.bfloat16), blocks, int(self.pdl), stream)
         if err != 0:
-            raise RuntimeError(f"one_token_gemv_int8 launch failed: cudaError {err}")
+            raise RuntimeError(f"one_token_gemv launch failed: cudaError {err}")
         return out
 
 
@@ -62,7 +78,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def parse_shape(text: str) -> tuple[int, int, int, int]:
+    """"warps,slots,chunk bytes,blocks per SM" -> a tuple of four ints."""
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) != 4:
+        raise ValueError(f"GEMMA_CUDA_GEMV_SHAPE={text!r}: four integers, warps,slots,chunk bytes,blocks per SM")
+    return tuple(parts)  # type: ignore[return-value]
+
+
 @functools.lru_cache(maxsize=None)
-def default_gemv() -> OneTokenGemvInt8:
-    """The engine's instance (GEMMA_CUDA_GEMV=1): the probe's first variant."""
-    return OneTokenGemvInt8()
+def default_gemv() -> OneTokenGemv:
+    """The engine's instance (GEMMA_CUDA_GEMV=1), in the GEMMA_CUDA_GEMV_SHAPE ring shape."""
+    return OneTokenGemv(*parse_shape(os.environ.get("GEMMA_CUDA_GEMV_SHAPE", "16,2,5120,1")))

@@ -302,12 +302,12 @@ class OneTokenLinear(nn.Linear):
 
 
 ONE_TOKEN_GEMV = os.environ.get("GEMMA_ONE_TOKEN_GEMV", "1") == "1"
-# GEMMA_CUDA_GEMV=1: INT8 projections of one token (bf16 input) on the CUDA kernel of
-# `cuda_gemv.py` (bulk-copy rings, built with nvcc on first use) instead of the Triton one-token
-# kernel. Experimental and off: written after the sixteenth run's device time ran out, not yet timed
-# on a GPU (bench/gpu_next.sh 22). Its sums run in another order than the Triton kernel's at 2-4
-# tokens, so a sequence alone and in a small batch would differ in the last bits: adopting it needs
-# the few-token path on the same kernel.
+# GEMMA_CUDA_GEMV=1: one-token projections of INT8 or bf16 weights (bf16 input) on the CUDA kernel
+# of `cuda_gemv.py` (bulk-copy rings, built with nvcc on first use) instead of the Triton one-token
+# kernel. Experimental and off: its first version made W1 INT8 slower (421 against 616 tok/s on an
+# H200, seventeenth run); the version with whole rows a chunk is measured by bench/gpu_next.sh 22.
+# Its sums run in another order than the Triton kernel's at 2-4 tokens, so a sequence alone and in
+# a small batch would differ in the last bits: adopting it needs the few-token path on the same kernel.
 CUDA_GEMV = os.environ.get("GEMMA_CUDA_GEMV", "0") == "1"
 # gate_up's GELU in the one-token kernel's epilogue; GEMMA_FUSED_GELU=0 runs the GELU kernel after it.
 FUSED_GELU = os.environ.get("GEMMA_FUSED_GELU", "1") == "1"
@@ -1028,8 +1028,9 @@ def triton_weight_only_linear(x: torch.Tensor, qweight: torch.Tensor, scale: tor
     y = torch.empty((m, n_out), dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n_out)
-    if (CUDA_GEMV and m == 1 and (config is None or config.block_m == 1) and qweight.dtype == torch.int8
-            and x.dtype == torch.bfloat16 and scale is not None and k % 16 == 0 and x.is_cuda):
+    if (CUDA_GEMV and m == 1 and (config is None or config.block_m == 1) and x.dtype == torch.bfloat16
+            and ((qweight.dtype == torch.int8 and scale is not None) or (qweight.dtype == x.dtype and scale is None))
+            and k % 16 == 0 and x.is_cuda):
         from gemma_serve.engine.cuda_gemv import default_gemv  # built with nvcc on first use
 
         default_gemv()(x2[0], qweight, scale, y.view(-1), gelu=gelu_mul)

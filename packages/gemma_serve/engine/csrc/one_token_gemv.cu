@@ -1,14 +1,18 @@
 // y[n] = scale[n] * sum_k W[n, k] x[k] for one token: INT8 weights [N, K] (one float32 scale per
-// row), x bf16 [K], y float32 or bf16 [N]; or, for a gate_up matrix, gelu_tanh(gate) * up.
-// Experimental: measured by bench/tma_gemv_probe.py, used by the engine only with GEMMA_CUDA_GEMV=1.
+// row) or bf16 weights, x bf16 [K], y float32 or bf16 [N]; or, for a gate_up matrix,
+// gelu_tanh(gate) * up. Experimental: measured by bench/tma_gemv_probe.py, used by the engine only
+// with GEMMA_CUDA_GEMV=1.
 //
 // Why: the sixteenth run's megakernel streamed weights through per-warp shared-memory rings filled
 // by bulk copies at 98% of the copy rate, while the engine's Triton one-token INT8 kernel reads qkv
 // and o at 56% and 45% of theirs. Here each warp owns contiguous rows and streams them the same
 // way. Its first NSLOT chunks are asked for BEFORE the programmatic-dependent-launch wait: weights
 // are never written, and bulk copies land in shared memory, not registers. The Triton kernel could
-// only read one early tile a program without losing occupancy. For qkv (10.5 MB, ~5 KB a warp)
-// that is the whole slice.
+// only read one early tile a program without losing occupancy.
+//
+// The seventeenth run measured the first version (one row, or part of one, a chunk) at 57% of the
+// copy rate at best, and found it bound by the bytes in flight: halving the chunk cost 50%. An INT8
+// row of K = 2560 filled half of a 4 KB slot. Chunks now hold as many whole rows as fit.
 //
 // Launched with programmatic stream serialization (PDL) so that it can start while the kernel
 // before it drains; it lets the next kernel be scheduled once its own wait returns.
@@ -20,13 +24,13 @@
 #include "bulk_copy.cuh"
 
 #ifndef NWARPS
-#define NWARPS 8
+#define NWARPS 16
 #endif
 #ifndef NSLOT
 #define NSLOT 2
 #endif
 #ifndef CH_BYTES
-#define CH_BYTES 4096  // a 2560-wide INT8 row is one chunk, a 10240-wide row three (4096, 4096, 2048)
+#define CH_BYTES 5120  // two 2560-wide INT8 rows, one bf16 row; a 10240-wide INT8 row in two parts
 #endif
 #define NTHREADS (NWARPS * 32)
 
@@ -36,30 +40,82 @@ __device__ __forceinline__ float i8_at(uint32_t flipped, int k) {
     return __uint_as_float(__byte_perm(flipped, 0x4B000000u, 0x7540 + k)) - 8388736.0f;
 }
 
-// This warp's chunk number `idx` of its rows [r0, r1): the source and byte count. With GELU a "row"
-// is a gate/up pair: the gate row's chunks, then the up row's (row n_out + r).
-template <bool GELU>
-__device__ __forceinline__ const int8_t* chunk_at(const int8_t* W, int K, int n_out, int r0, int idx, int per_row,
-                                                  uint32_t& bytes) {
-    const int per_unit = GELU ? 2 * per_row : per_row;
-    const int unit = r0 + idx / per_unit, within = idx % per_unit;
-    const int row = GELU && within >= per_row ? n_out + unit : unit;
-    const int first = (within % per_row) * CH_BYTES;
-    bytes = (uint32_t)(K - first < CH_BYTES ? K - first : CH_BYTES);
-    return W + (size_t)row * K + first;
-}
-
 __device__ __forceinline__ float gelu_tanh(float x) {
     return 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
 }
 
-// GELU: W is a gate_up matrix [2 n_out, K]; y[r] = gelu_tanh(gate_r) * up_r. y is float32, or bf16
-// with out_bf16 (rounded once).
-template <bool GELU>
-__global__ void __launch_bounds__(NTHREADS) one_token_gemv_int8(const int8_t* __restrict__ W,
-                                                                const float* __restrict__ scale,
-                                                                const __nv_bfloat16* __restrict__ x,
-                                                                void* __restrict__ y, int n_out, int K, int out_bf16) {
+// How a warp's rows are cut into ring chunks. A warp's rows are contiguous in W, so a chunk holds
+// `rows` whole rows where a row fits a slot (INT8 K = 2560: two rows of a 5 KB slot, where one row a
+// chunk left half of every slot unused in the sixteenth run's version), or one `parts`-th of a
+// row where it does not (bf16 or INT8 K = 10240). With GELU each group of rows is streamed twice:
+// its gate rows, then its up rows (row n_out + r).
+struct Geometry {
+    int row_bytes, rows, parts, per_group, total;
+
+    __device__ Geometry(int K, int elem_bytes, int nrows_warp, bool gelu) {
+        row_bytes = K * elem_bytes;
+        const bool fits = row_bytes <= CH_BYTES;
+        rows = fits ? min(32, CH_BYTES / row_bytes) : 1;  // <= 32: a lane holds each row's gate
+        parts = fits ? 1 : (row_bytes + CH_BYTES - 1) / CH_BYTES;
+        per_group = parts * (gelu ? 2 : 1);
+        total = (nrows_warp + rows - 1) / rows * per_group;
+    }
+};
+
+// Chunk `idx` of a warp whose rows start at r0 (end at r1): its group's first row, how many rows it
+// holds, gate or up half, which part of a row, the source and the byte count.
+struct Chunk {
+    int row0, nrows, half, part;
+    uint32_t bytes;
+    const unsigned char* src;
+
+    __device__ Chunk(const Geometry& g, const unsigned char* W, int n_out, int r0, int r1, int idx) {
+        const int group = idx / g.per_group, rem = idx % g.per_group;
+        half = rem / g.parts;
+        part = rem % g.parts;
+        row0 = r0 + group * g.rows;
+        nrows = min(g.rows, r1 - row0);
+        const int first = part * CH_BYTES;
+        bytes = (uint32_t)(g.parts == 1 ? nrows * g.row_bytes : min(CH_BYTES, g.row_bytes - first));
+        src = W + (size_t)(row0 + (half ? n_out : 0)) * g.row_bytes + first;
+    }
+};
+
+// Eight weights (INT8: 8 bytes, bf16: 16 bytes) at step v of a row segment against their 8 inputs.
+template <bool WB16>
+__device__ __forceinline__ void fma8(const unsigned char* seg, const uint4* x4, int v, float& acc0, float& acc1) {
+    const uint4 xv = x4[v];
+    if constexpr (WB16) {
+        const uint4 w = reinterpret_cast<const uint4*>(seg)[v];
+        acc0 = fmaf(bf_lo(w.x), bf_lo(xv.x), acc0);
+        acc1 = fmaf(bf_hi(w.x), bf_hi(xv.x), acc1);
+        acc0 = fmaf(bf_lo(w.y), bf_lo(xv.y), acc0);
+        acc1 = fmaf(bf_hi(w.y), bf_hi(xv.y), acc1);
+        acc0 = fmaf(bf_lo(w.z), bf_lo(xv.z), acc0);
+        acc1 = fmaf(bf_hi(w.z), bf_hi(xv.z), acc1);
+        acc0 = fmaf(bf_lo(w.w), bf_lo(xv.w), acc0);
+        acc1 = fmaf(bf_hi(w.w), bf_hi(xv.w), acc1);
+    } else {
+        const uint2 w = reinterpret_cast<const uint2*>(seg)[v];
+        const uint32_t a = w.x ^ 0x80808080u, b = w.y ^ 0x80808080u;
+        acc0 = fmaf(i8_at(a, 0), bf_lo(xv.x), acc0);
+        acc1 = fmaf(i8_at(a, 1), bf_hi(xv.x), acc1);
+        acc0 = fmaf(i8_at(a, 2), bf_lo(xv.y), acc0);
+        acc1 = fmaf(i8_at(a, 3), bf_hi(xv.y), acc1);
+        acc0 = fmaf(i8_at(b, 0), bf_lo(xv.z), acc0);
+        acc1 = fmaf(i8_at(b, 1), bf_hi(xv.z), acc1);
+        acc0 = fmaf(i8_at(b, 2), bf_lo(xv.w), acc0);
+        acc1 = fmaf(i8_at(b, 3), bf_hi(xv.w), acc1);
+    }
+}
+
+// W: INT8 with one float32 scale a row, or bf16 (WB16, scale unused). GELU: W is a gate_up matrix
+// [2 n_out, K]; y[r] = gelu_tanh(gate_r) * up_r. y is float32, or bf16 with out_bf16 (rounded once).
+template <bool GELU, bool WB16>
+__global__ void __launch_bounds__(NTHREADS) one_token_gemv(const unsigned char* __restrict__ W,
+                                                           const float* __restrict__ scale,
+                                                           const __nv_bfloat16* __restrict__ x,
+                                                           void* __restrict__ y, int n_out, int K, int out_bf16) {
     extern __shared__ __align__(128) unsigned char smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     unsigned char* ring = smem + warp * NSLOT * CH_BYTES;
@@ -68,17 +124,15 @@ __global__ void __launch_bounds__(NTHREADS) one_token_gemv_int8(const int8_t* __
 
     const long long gw = (long long)blockIdx.x * NWARPS + warp, nw = (long long)gridDim.x * NWARPS;
     const int r0 = (int)(n_out * gw / nw), r1 = (int)(n_out * (gw + 1) / nw);
-    const int per_row = (K + CH_BYTES - 1) / CH_BYTES;
-    const int total = (r1 - r0) * per_row * (GELU ? 2 : 1);
+    const Geometry geo(K, WB16 ? 2 : 1, r1 - r0, GELU);
 
     // Before the wait: the ring's first chunks (weights: no kernel writes them).
     if (lane == 0) {
         for (int s = 0; s < NSLOT; ++s) mbar_init(bars + s, 1);
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-        for (int s = 0; s < NSLOT && s < total; ++s) {
-            uint32_t bytes;
-            const int8_t* src = chunk_at<GELU>(W, K, n_out, r0, s, per_row, bytes);
-            bulk_load(ring + s * CH_BYTES, src, bytes, bars + s);
+        for (int s = 0; s < NSLOT && s < geo.total; ++s) {
+            const Chunk ch(geo, W, n_out, r0, r1, s);
+            bulk_load(ring + s * CH_BYTES, ch.src, ch.bytes, bars + s);
         }
     }
     __syncwarp();
@@ -102,54 +156,41 @@ __global__ void __launch_bounds__(NTHREADS) one_token_gemv_int8(const int8_t* __
     }
     __syncthreads();
 
-    float acc0 = 0.f, acc1 = 0.f, gate = 0.f;
-    for (int idx = 0; idx < total; ++idx) {
-        const int slot = idx % NSLOT, c = idx % per_row;
+    constexpr int EB = WB16 ? 2 : 1;
+    float acc0 = 0.f, acc1 = 0.f, gate = 0.f;  // gate: lane j holds row j's of the current group
+    for (int idx = 0; idx < geo.total; ++idx) {
+        const int slot = idx % NSLOT;
+        const Chunk ch(geo, W, n_out, r0, r1, idx);
         mbar_wait(bars + slot, (uint32_t)((idx / NSLOT) & 1));
-        const int first = c * CH_BYTES;
-        const int n = K - first < CH_BYTES ? K - first : CH_BYTES;
-        const uint2* w2 = reinterpret_cast<const uint2*>(ring + slot * CH_BYTES);  // 8 weights a lane a step
-        const uint4* x4 = reinterpret_cast<const uint4*>(xs + first);              // their 8 inputs
+        const int seg_w = geo.parts == 1 ? K : (int)ch.bytes / EB;               // weights a row segment
+        const uint4* x4 = reinterpret_cast<const uint4*>(xs + ch.part * (CH_BYTES / EB));
+        for (int j = 0; j < ch.nrows; ++j) {
+            const unsigned char* seg = ring + slot * CH_BYTES + j * geo.row_bytes;
 #pragma unroll 4
-        for (int v = lane; v < n / 8; v += 32) {
-            const uint2 w = w2[v];
-            const uint4 xv = x4[v];
-            const uint32_t a = w.x ^ 0x80808080u, b = w.y ^ 0x80808080u;
-            acc0 = fmaf(i8_at(a, 0), bf_lo(xv.x), acc0);
-            acc1 = fmaf(i8_at(a, 1), bf_hi(xv.x), acc1);
-            acc0 = fmaf(i8_at(a, 2), bf_lo(xv.y), acc0);
-            acc1 = fmaf(i8_at(a, 3), bf_hi(xv.y), acc1);
-            acc0 = fmaf(i8_at(b, 0), bf_lo(xv.z), acc0);
-            acc1 = fmaf(i8_at(b, 1), bf_hi(xv.z), acc1);
-            acc0 = fmaf(i8_at(b, 2), bf_lo(xv.w), acc0);
-            acc1 = fmaf(i8_at(b, 3), bf_hi(xv.w), acc1);
-        }
-        __syncwarp();
-        if (lane == 0 && idx + NSLOT < total) {  // refill the slot just read
-            uint32_t bytes;
-            const int8_t* src = chunk_at<GELU>(W, K, n_out, r0, idx + NSLOT, per_row, bytes);
-            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-            bulk_load(ring + slot * CH_BYTES, src, bytes, bars + slot);
-        }
-        if (c == per_row - 1) {  // a row's last chunk: reduce and scale
+            for (int v = lane; v < seg_w / 8; v += 32) fma8<WB16>(seg, x4, v, acc0, acc1);
+            if (ch.part != geo.parts - 1) continue;  // the row goes on in the next chunk
             const float s = warp_sum(acc0 + acc1);
             acc0 = 0.f;
             acc1 = 0.f;
-            const int per_unit = GELU ? 2 * per_row : per_row;
-            const int unit = r0 + idx / per_unit;
-            const bool up_row = GELU && (idx % per_unit) >= per_row;
-            const float v = s * scale[up_row ? n_out + unit : unit];
-            if (GELU && !up_row) {
-                gate = v;  // wait for the up row
+            const int unit = ch.row0 + j;
+            const float v = WB16 ? s : s * scale[unit + (ch.half ? n_out : 0)];
+            if (GELU && !ch.half) {
+                if (lane == j) gate = v;  // until the group's up rows
                 continue;
             }
-            const float out = GELU ? gelu_tanh(gate) * v : v;
+            const float out = GELU ? gelu_tanh(__shfl_sync(0xffffffffu, gate, j)) * v : v;
             if (lane == 0) {
                 if (out_bf16)
                     reinterpret_cast<__nv_bfloat16*>(y)[unit] = __float2bfloat16(out);
                 else
                     reinterpret_cast<float*>(y)[unit] = out;
             }
+        }
+        __syncwarp();
+        if (lane == 0 && idx + NSLOT < geo.total) {  // refill the slot just read
+            const Chunk next(geo, W, n_out, r0, r1, idx + NSLOT);
+            asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+            bulk_load(ring + slot * CH_BYTES, next.src, next.bytes, bars + slot);
         }
     }
 }
@@ -159,19 +200,22 @@ extern "C" {
 size_t one_token_gemv_smem_bytes(int K) { return (size_t)NWARPS * NSLOT * (CH_BYTES + 8) + (size_t)K * 2; }
 
 // One launch on `stream` with `blocks` blocks: y [n_out] from W [n_out, K] (gelu: W [2 n_out, K],
-// y = gelu_tanh(gate) * up); out_bf16: y is bf16, else float32; pdl: programmatic stream
-// serialization. Returns a cudaError_t as int. K must be a multiple of 16 and W, x 16-byte aligned.
-int one_token_gemv_int8_launch(const void* W, const float* scale, const void* x, void* y, int n_out, int K, int gelu,
-                               int out_bf16, int blocks, int pdl, cudaStream_t stream) {
+// y = gelu_tanh(gate) * up); wbf16: W is bf16 and scale unused, else INT8 with float32 scales;
+// out_bf16: y is bf16, else float32; pdl: programmatic stream serialization. Returns a cudaError_t
+// as int. K must be a multiple of 16, W and x 16-byte aligned.
+int one_token_gemv_launch(const void* W, const float* scale, const void* x, void* y, int n_out, int K, int gelu,
+                          int wbf16, int out_bf16, int blocks, int pdl, cudaStream_t stream) {
     const size_t smem = one_token_gemv_smem_bytes(K);
+    const void* fns[4] = {(const void*)one_token_gemv<false, false>, (const void*)one_token_gemv<true, false>,
+                          (const void*)one_token_gemv<false, true>, (const void*)one_token_gemv<true, true>};
+    const int which = (gelu ? 1 : 0) + (wbf16 ? 2 : 0);
     // Raise the shared-memory limit only when it grows: the warm-up calls before a CUDA graph capture
     // set it, so nothing but launches happens while a graph is being captured.
-    static size_t configured[2] = {0, 0};
-    if (smem > configured[gelu ? 1 : 0]) {
-        const void* fn = gelu ? (const void*)one_token_gemv_int8<true> : (const void*)one_token_gemv_int8<false>;
-        cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    static size_t configured[4] = {0, 0, 0, 0};
+    if (smem > configured[which]) {
+        cudaError_t err = cudaFuncSetAttribute(fns[which], cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (err != cudaSuccess) return (int)err;
-        configured[gelu ? 1 : 0] = smem;
+        configured[which] = smem;
     }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(blocks);
@@ -183,10 +227,14 @@ int one_token_gemv_int8_launch(const void* W, const float* scale, const void* x,
     attr[0].val.programmaticStreamSerializationAllowed = pdl ? 1 : 0;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    const int8_t* w = (const int8_t*)W;
+    const unsigned char* w = (const unsigned char*)W;
     const __nv_bfloat16* xb = (const __nv_bfloat16*)x;
-    if (gelu) return (int)cudaLaunchKernelEx(&cfg, one_token_gemv_int8<true>, w, scale, xb, y, n_out, K, out_bf16);
-    return (int)cudaLaunchKernelEx(&cfg, one_token_gemv_int8<false>, w, scale, xb, y, n_out, K, out_bf16);
+    switch (which) {
+        case 0: return (int)cudaLaunchKernelEx(&cfg, one_token_gemv<false, false>, w, scale, xb, y, n_out, K, out_bf16);
+        case 1: return (int)cudaLaunchKernelEx(&cfg, one_token_gemv<true, false>, w, scale, xb, y, n_out, K, out_bf16);
+        case 2: return (int)cudaLaunchKernelEx(&cfg, one_token_gemv<false, true>, w, scale, xb, y, n_out, K, out_bf16);
+        default: return (int)cudaLaunchKernelEx(&cfg, one_token_gemv<true, true>, w, scale, xb, y, n_out, K, out_bf16);
+    }
 }
 
 }  // extern "C"
