@@ -253,8 +253,25 @@ case "${1:-1}" in
         done
     done | tee "$OUT/w1-cuda-gemv.log"
     ;;
+23)
+    # Seventeenth run, second look at the INT8 ring GEMV: its INT8 products in float16 pairs (half2,
+    # as the Triton path), and with no products at all (the weight stream alone), against exact, on
+    # the three fastest ring shapes of case 22; then W1 INT8 on the fastest, A B A B.
+    export PYTHONPATH=packages:.
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_one_token_gemv.py -k half2 > "$OUT/gpu-tests-half2.log" 2>&1
+    tail -2 "$OUT/gpu-tests-half2.log"
+    timeout 240 python3 bench/tma_gemv_probe.py --methods int8 --maths exact,half2,none \
+        --variants "8,2,5120,2,1;16,2,5120,1,1;16,2,6144,1,1" --out "$OUT/tma-gemv-half2.json" > "$OUT/tma-gemv-half2.log" 2>&1
+    cat "$OUT/tma-gemv-half2.log" | tail -16
+    read -r shape math <<< "$(sed -n 's/^best int8 //p' "$OUT/tma-gemv-half2.log")"
+    for flag in 1 0 1 0; do
+        GEMMA_CUDA_GEMV=$flag GEMMA_CUDA_GEMV_SHAPE=${shape:-8,2,5120,2} GEMMA_CUDA_GEMV_MATH=${math:-half2} timeout 70 \
+            python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization int8 \
+            --out "$OUT/w1-int8-half2-cuda-gemv$flag.json" 2>&1 | grep -h '^W1' | sed "s/^/GEMMA_CUDA_GEMV=$flag $shape $math /"
+    done | tee "$OUT/w1-half2.log"
+    ;;
 *)
-    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12 | 13 | 14 | 17 | 21 | 22" >&2
+    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12 | 13 | 14 | 17 | 21 | 22 | 23" >&2
     exit 2
     ;;
 esac

@@ -5,8 +5,9 @@ short kernels), and each projection alone, for several ring shapes, with and wit
 
     PYTHONPATH=packages python3 bench/tma_gemv_probe.py --out tma-gemv.json
 
-Prints, last, one line a weight type: "best int8 16,2,5120,1" (the GEMMA_CUDA_GEMV_SHAPE of the
-fastest ring shape with PDL). Needs a CUDA GPU and nvcc. For scale (docs/benchmarks.md): the Triton
+Prints, last, one line a weight type: "best int8 16,2,5120,1 exact" (the GEMMA_CUDA_GEMV_SHAPE and
+GEMMA_CUDA_GEMV_MATH of the fastest ring shape with PDL). `--maths exact,half2,none` times the INT8
+products three ways ("none": the weight stream alone). Needs a CUDA GPU and nvcc. For scale (docs/benchmarks.md): the Triton
 kernel's 34 layers took 1.00 ms (INT8) at one token; INT8 W1 at 1.6x bf16 needs ~0.13 ms less per step.
 """
 
@@ -21,7 +22,7 @@ import torch
 
 from gemma_serve.bench import quant_bench
 from gemma_serve.engine import quantization as quant
-from gemma_serve.engine.cuda_gemv import MAX_SHARED_BYTES, OneTokenGemv
+from gemma_serve.engine.cuda_gemv import MATHS, MAX_SHARED_BYTES, OneTokenGemv
 
 # (warps, slots, chunk bytes, blocks per SM, PDL). With INT8 K = 2560, a 4096-byte chunk holds one
 # row (the first version's best, at 57% of the copy rate), 5120 and 6144 two, 8192 three, 12288 four.
@@ -46,8 +47,8 @@ def chain(gemv: OneTokenGemv, weights: list[dict], xs: dict[int, torch.Tensor], 
     return run
 
 
-def probe(method: str, layers: int, copy: float) -> dict:
-    """Errors and timings of one weight type ("int8" or "bf16")."""
+def probe(method: str, layers: int, copy: float, variants: list[tuple], maths: list[str]) -> dict:
+    """Errors and timings of one weight type ("int8" or "bf16"), INT8 products each way in `maths`."""
     shapes = quant_bench.SHAPES
     weights = quant_bench.make_weights(method, shapes, layers)
     xs_2d = quant_bench.inputs(1)
@@ -59,10 +60,13 @@ def probe(method: str, layers: int, copy: float) -> dict:
     for name, w in weights[0].items():
         q, s = weight_of(w)
         ref = (q.float() * s[:, None] if s is not None else q.float()) @ xs[q.shape[1]].float()
-        mine = OneTokenGemv()(xs[q.shape[1]], q, s, torch.empty(q.shape[0], device="cuda"))
         cfg = None if s is not None else quant.one_token_config(*q.shape)
         tri = quant.triton_weight_only_linear(xs_2d[q.shape[1]], q, s, cfg, out_dtype=torch.float32)[0]
-        errs[name], vs_triton[name] = rel_err(mine, ref), rel_err(tri, ref)
+        vs_triton[name] = rel_err(tri, ref)
+        for math in maths if method == "int8" else ["exact"]:
+            if math != "none":
+                mine = OneTokenGemv(math=math)(xs[q.shape[1]], q, s, torch.empty(q.shape[0], device="cuda"))
+                errs[f"{name} {math}"] = rel_err(mine, ref)
     res.update(errors=errs, triton_errors=vs_triton)
     print(f"[{method}] rel max err vs float32, CUDA: " + ", ".join(f"{k} {v:.1e}" for k, v in errs.items())
           + "; Triton: " + ", ".join(f"{k} {v:.1e}" for k, v in vs_triton.items()))
@@ -78,9 +82,10 @@ def probe(method: str, layers: int, copy: float) -> dict:
     print(f"[{method}] {layers} layers, 4 projections: copy bound {bound_ms:.3f} ms; Triton one-token "
           f"{triton_ms:.3f} ms ({100 * bound_ms / triton_ms:.1f}%)")
     print(f"[{method}] per projection, us a layer, Triton: " + ", ".join(f"{k} {v:.2f}" for k, v in per_triton.items()))
-    print(f"[{method}] variant (warps, slots, chunk, blocks/SM, PDL) | all ms | % of copy | " + " | ".join(shapes))
-    for nwarps, nslots, chunk, per_sm, pdl in VARIANTS:
-        gemv = OneTokenGemv(nwarps, nslots, chunk, per_sm, pdl)
+    print(f"[{method}] variant (warps, slots, chunk, blocks/SM, PDL) math | all ms | % of copy | " + " | ".join(shapes))
+    runs = [(*v, m) for m in (maths if method == "int8" else ["exact"]) for v in variants]
+    for nwarps, nslots, chunk, per_sm, pdl, math in runs:
+        gemv = OneTokenGemv(nwarps, nslots, chunk, per_sm, pdl, math)
         if gemv.shared_bytes(max(k for _, k in shapes.values())) > MAX_SHARED_BYTES:
             continue
         ms = quant_bench.graph_ms(chain(gemv, weights, xs, outs))
@@ -88,14 +93,15 @@ def probe(method: str, layers: int, copy: float) -> dict:
         for name in shapes:
             only = [{name: layer[name]} for layer in weights]
             per[name] = quant_bench.graph_ms(chain(gemv, only, xs, outs)) * 1e3 / layers
-        row = dict(nwarps=nwarps, nslots=nslots, chunk=chunk, blocks_per_sm=per_sm, pdl=pdl, ms=ms,
+        row = dict(nwarps=nwarps, nslots=nslots, chunk=chunk, blocks_per_sm=per_sm, pdl=pdl, math=math, ms=ms,
                    pct_copy=100 * bound_ms / ms, us=per)
         res["variants"].append(row)
-        print(f"[{method}] ({nwarps}, {nslots}, {chunk}, {per_sm}, {pdl}) | {ms:.3f} | {row['pct_copy']:.1f}% | "
+        print(f"[{method}] ({nwarps}, {nslots}, {chunk}, {per_sm}, {pdl}) {math} | {ms:.3f} | {row['pct_copy']:.1f}% | "
               + " | ".join(f"{v:.2f}" for v in per.values()))
-    best = min((r for r in res["variants"] if r["pdl"]), key=lambda r: r["ms"])
+    best = min((r for r in res["variants"] if r["pdl"] and r["math"] != "none"), key=lambda r: r["ms"])
     res["best_shape"] = f"{best['nwarps']},{best['nslots']},{best['chunk']},{best['blocks_per_sm']}"
-    res["ok"] = all(v < 1e-4 for v in errs.values())
+    res["best_math"] = best["math"]
+    res["ok"] = all(v < (2e-3 if "half2" in k else 1e-4) for k, v in errs.items())
     del weights
     torch.cuda.empty_cache()
     return res
@@ -105,16 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=34)
     ap.add_argument("--methods", default="int8,bf16")
+    ap.add_argument("--maths", default="exact", help=f"INT8 products, comma-separated: {', '.join(MATHS)}")
+    ap.add_argument("--variants", default=None,
+                    help="ring shapes, 'warps,slots,chunk,blocks per SM,pdl' separated by ';' (default: VARIANTS)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     copy = quant_bench.copy_rate_gbps()
     result: dict = dict(device=torch.cuda.get_device_name(), copy_gbps=copy, methods={})
     for method in args.methods.split(","):
-        result["methods"][method] = probe(method, args.layers, copy)
+        variants = VARIANTS if args.variants is None else [
+            tuple(int(p) for p in v.split(",")[:4]) + (v.split(",")[4] != "0",) for v in args.variants.split(";")]
+        result["methods"][method] = probe(method, args.layers, copy, variants, args.maths.split(","))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     for method, res in result["methods"].items():
-        print(f"best {method} {res['best_shape']}")
+        print(f"best {method} {res['best_shape']} {res['best_math']}")
     return 0 if all(r["ok"] for r in result["methods"].values()) else 1
 
 

@@ -104,3 +104,21 @@ def test_engine_switch_takes_the_cuda_kernel(monkeypatch, dtype: str) -> None:
     on_y, on_act = layer(x).float(), quant.projected_gelu_mul(layer, x).float()
     assert _rel(on_y, off_y) < 1e-2
     assert _rel(on_act, off_act) < 1e-2
+
+
+@pytest.mark.parametrize("variant", [(16, 2, 5120, 1, True), (8, 2, 1024, 2, True)], ids=str)
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_half2_products_within_the_triton_paths_error(name: str, variant: tuple) -> None:
+    # INT8 products in float16 pairs (math="half2", as the engine's Triton half2 path): ~5e-4 off
+    # float32 there; wrong byte order or a missing 1024 would be off by ~1.
+    n, k = SHAPES[name]
+    w, s, wf, x = _weights(n, k, "int8", n + k)
+    out = torch.full((n,), float("nan"), device="cuda")
+    OneTokenGemv(*variant, math="half2")(x, w, s, out)
+    assert _rel(out, wf @ x.float()) < TRITON_TOL
+    if n % 2:
+        return
+    act = torch.full((n // 2,), float("nan"), device="cuda")
+    OneTokenGemv(*variant, math="half2")(x, w, s, act, gelu=True)
+    gu = wf @ x.float()
+    assert _rel(act, torch.nn.functional.gelu(gu[:n // 2], approximate="tanh") * gu[n // 2:]) < 1e-2

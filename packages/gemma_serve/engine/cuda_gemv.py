@@ -2,7 +2,8 @@
 float32 row scales, or bf16 weights, against a bf16 token. Measured against the engine's Triton
 one-token kernel by `bench/tma_gemv_probe.py`; the engine's one-token projections take it with
 GEMMA_CUDA_GEMV=1 (`quantization.triton_weight_only_linear`), in the ring shape
-GEMMA_CUDA_GEMV_SHAPE="warps,slots,chunk bytes,blocks per SM" (default 16,2,5120,1)."""
+GEMMA_CUDA_GEMV_SHAPE="warps,slots,chunk bytes,blocks per SM" (default 16,2,5120,1), INT8 products
+in GEMMA_CUDA_GEMV_MATH (`MATHS`, default exact)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,15 @@ from gemma_serve.engine.cuda_build import CSRC, build_shared_library
 SOURCE = CSRC / "one_token_gemv.cu"
 # A block's shared memory: its rings, their barriers and x (2 K bytes), within the 227 KB a block may have.
 MAX_SHARED_BYTES = 227 * 1024
+# How INT8 products are computed: float32 (exact), float16 pairs as the engine's Triton half2 path
+# (x in float16, ~5e-4 relative error), or not at all (the weight stream alone, for timing; wrong results).
+MATHS = {"exact": 0, "half2": 1, "none": 2}
 
 
 @functools.lru_cache(maxsize=None)
-def _library(nwarps: int, nslots: int, chunk_bytes: int) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(build_shared_library(SOURCE, dict(NWARPS=nwarps, NSLOT=nslots, CH_BYTES=chunk_bytes))))
+def _library(nwarps: int, nslots: int, chunk_bytes: int, math: int) -> ctypes.CDLL:
+    defines = dict(NWARPS=nwarps, NSLOT=nslots, CH_BYTES=chunk_bytes, MATH=math)
+    lib = ctypes.CDLL(str(build_shared_library(SOURCE, defines)))
     lib.one_token_gemv_launch.restype = ctypes.c_int
     lib.one_token_gemv_launch.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                           ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
@@ -32,14 +37,17 @@ def _library(nwarps: int, nslots: int, chunk_bytes: int) -> ctypes.CDLL:
 class OneTokenGemv:
     """y [N] = (weight [N, K] (* scale [N] for INT8)) @ x [K] bf16, one token: `blocks_per_sm` blocks
     of `nwarps` warps on each multiprocessor, each warp streaming its rows through `nslots`
-    shared-memory slots of `chunk_bytes` (as many whole rows as fit, or parts of one)."""
+    shared-memory slots of `chunk_bytes` (as many whole rows as fit, or parts of one); INT8
+    products as `math` says (a `MATHS` key)."""
 
     def __init__(self, nwarps: int = 16, nslots: int = 2, chunk_bytes: int = 5120, blocks_per_sm: int = 1,
-                 pdl: bool = True) -> None:
+                 pdl: bool = True, math: str = "exact") -> None:
         if chunk_bytes % 16 or not (1 <= nwarps <= 32 and nslots >= 1 and blocks_per_sm >= 1):
             raise ValueError(f"ring shape: {nwarps} warps, {nslots} slots of {chunk_bytes} bytes (a multiple of 16)")
-        self.nwarps, self.nslots, self.chunk_bytes = nwarps, nslots, chunk_bytes
-        self.lib = _library(nwarps, nslots, chunk_bytes)
+        if math not in MATHS:
+            raise ValueError(f"math={math!r}: one of {sorted(MATHS)}")
+        self.nwarps, self.nslots, self.chunk_bytes, self.math = nwarps, nslots, chunk_bytes, math
+        self.lib = _library(nwarps, nslots, chunk_bytes, MATHS[math])
         self.blocks_per_sm, self.pdl = blocks_per_sm, pdl
 
     def shared_bytes(self, k: int) -> int:
@@ -88,5 +96,6 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 
 @functools.lru_cache(maxsize=None)
 def default_gemv() -> OneTokenGemv:
-    """The engine's instance (GEMMA_CUDA_GEMV=1), in the GEMMA_CUDA_GEMV_SHAPE ring shape."""
-    return OneTokenGemv(*parse_shape(os.environ.get("GEMMA_CUDA_GEMV_SHAPE", "16,2,5120,1")))
+    """The engine's instance (GEMMA_CUDA_GEMV=1): GEMMA_CUDA_GEMV_SHAPE's ring shape, GEMMA_CUDA_GEMV_MATH."""
+    return OneTokenGemv(*parse_shape(os.environ.get("GEMMA_CUDA_GEMV_SHAPE", "16,2,5120,1")),
+                        math=os.environ.get("GEMMA_CUDA_GEMV_MATH", "exact"))

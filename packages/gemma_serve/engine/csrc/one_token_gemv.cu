@@ -19,6 +19,7 @@
 
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 #include "bulk_copy.cuh"
@@ -31,6 +32,9 @@
 #endif
 #ifndef CH_BYTES
 #define CH_BYTES 5120  // two 2560-wide INT8 rows, one bf16 row; a 10240-wide INT8 row in two parts
+#endif
+#ifndef MATH
+#define MATH 0  // INT8 products: 0 float32 (exact), 1 float16 pairs (half2), 2 none (stream only, timing)
 #endif
 #define NTHREADS (NWARPS * 32)
 
@@ -109,6 +113,32 @@ __device__ __forceinline__ void fma8(const unsigned char* seg, const uint4* x4, 
     }
 }
 
+// Sixteen INT8 weights at step v against their 16 inputs (float16, MATH 1), as the engine's Triton
+// half2 path does: each byte goes into the low mantissa of the float16 1 + byte / 1024 (one byte
+// permute makes two), a packed subtract of 1.125 leaves q / 1024 exactly, eight packed multiply-adds
+// leave two float16 sums of eight products, widened and added to float32. ~2 instructions a weight
+// where the float32 path takes ~4; the row's sum is scaled by 1024 after.
+__device__ __forceinline__ void fma16_half2(const unsigned char* seg, const uint4* xh, int v, float& acc0, float& acc1) {
+    const uint4 w = reinterpret_cast<const uint4*>(seg)[v];
+    const uint4 xa = xh[2 * v], xb = xh[2 * v + 1];
+    const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+    const uint32_t xs[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+    const __half2 c = __halves2half2(__ushort_as_half(0x3C80), __ushort_as_half(0x3C80));
+    __half2 p = __halves2half2(__ushort_as_half(0), __ushort_as_half(0));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const uint32_t t = ws[i] ^ 0x80808080u;
+        const uint32_t lo = __byte_perm(t, 0x3C3C3C3Cu, 0x4140), hi = __byte_perm(t, 0x3C3C3C3Cu, 0x4342);
+        const __half2 h0 = __hsub2(*reinterpret_cast<const __half2*>(&lo), c);
+        const __half2 h1 = __hsub2(*reinterpret_cast<const __half2*>(&hi), c);
+        p = __hfma2(h0, *reinterpret_cast<const __half2*>(&xs[2 * i]), p);
+        p = __hfma2(h1, *reinterpret_cast<const __half2*>(&xs[2 * i + 1]), p);
+    }
+    const float2 f = __half22float2(p);
+    acc0 += f.x;
+    acc1 += f.y;
+}
+
 // W: INT8 with one float32 scale a row, or bf16 (WB16, scale unused). GELU: W is a gate_up matrix
 // [2 n_out, K]; y[r] = gelu_tanh(gate_r) * up_r. y is float32, or bf16 with out_bf16 (rounded once).
 template <bool GELU, bool WB16>
@@ -116,6 +146,8 @@ __global__ void __launch_bounds__(NTHREADS) one_token_gemv(const unsigned char* 
                                                            const float* __restrict__ scale,
                                                            const __nv_bfloat16* __restrict__ x,
                                                            void* __restrict__ y, int n_out, int K, int out_bf16) {
+    constexpr int EB = WB16 ? 2 : 1;
+    constexpr bool HALF2 = !WB16 && MATH == 1;
     extern __shared__ __align__(128) unsigned char smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     unsigned char* ring = smem + warp * NSLOT * CH_BYTES;
@@ -151,12 +183,20 @@ __global__ void __launch_bounds__(NTHREADS) one_token_gemv(const unsigned char* 
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             const int v = base + threadIdx.x + i * NTHREADS;
-            if (v < K / 8) reinterpret_cast<uint4*>(xs)[v] = u[i];
+            if (v >= K / 8) continue;
+            if (HALF2) {  // bf16 -> float16 pairs (exact for |x| within float16's normal range)
+                uint32_t* h = reinterpret_cast<uint32_t*>(&u[i]);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const __half2 f = __floats2half2_rn(bf_lo(h[j]), bf_hi(h[j]));
+                    h[j] = *reinterpret_cast<const uint32_t*>(&f);
+                }
+            }
+            reinterpret_cast<uint4*>(xs)[v] = u[i];
         }
     }
     __syncthreads();
 
-    constexpr int EB = WB16 ? 2 : 1;
     float acc0 = 0.f, acc1 = 0.f, gate = 0.f;  // gate: lane j holds row j's of the current group
     for (int idx = 0; idx < geo.total; ++idx) {
         const int slot = idx % NSLOT;
@@ -166,14 +206,19 @@ __global__ void __launch_bounds__(NTHREADS) one_token_gemv(const unsigned char* 
         const uint4* x4 = reinterpret_cast<const uint4*>(xs + ch.part * (CH_BYTES / EB));
         for (int j = 0; j < ch.nrows; ++j) {
             const unsigned char* seg = ring + slot * CH_BYTES + j * geo.row_bytes;
+            if (HALF2) {
+#pragma unroll 2
+                for (int v = lane; v < seg_w / 16; v += 32) fma16_half2(seg, x4, v, acc0, acc1);
+            } else if (MATH != 2) {
 #pragma unroll 4
-            for (int v = lane; v < seg_w / 8; v += 32) fma8<WB16>(seg, x4, v, acc0, acc1);
+                for (int v = lane; v < seg_w / 8; v += 32) fma8<WB16>(seg, x4, v, acc0, acc1);
+            }
             if (ch.part != geo.parts - 1) continue;  // the row goes on in the next chunk
             const float s = warp_sum(acc0 + acc1);
             acc0 = 0.f;
             acc1 = 0.f;
             const int unit = ch.row0 + j;
-            const float v = WB16 ? s : s * scale[unit + (ch.half ? n_out : 0)];
+            const float v = WB16 ? s : s * (HALF2 ? 1024.f : 1.f) * scale[unit + (ch.half ? n_out : 0)];
             if (GELU && !ch.half) {
                 if (lane == j) gate = v;  // until the group's up rows
                 continue;
