@@ -270,8 +270,26 @@ case "${1:-1}" in
             --out "$OUT/w1-int8-half2-cuda-gemv$flag.json" 2>&1 | grep -h '^W1' | sed "s/^/GEMMA_CUDA_GEMV=$flag $shape $math /"
     done | tee "$OUT/w1-half2.log"
     ;;
+24)
+    # Seventeenth run, third look: ring shapes of <= 114 KB a block, with all of L1 as shared memory,
+    # so that the next kernel's block fits beside this one's and asks for its weights while this one
+    # streams; INT8 products exact, half2 and none; then W1 INT8 on the fastest, A B A B.
+    export PYTHONPATH=packages:.
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_one_token_gemv.py -k "half2 or switch" > "$OUT/gpu-tests-coresident.log" 2>&1
+    tail -2 "$OUT/gpu-tests-coresident.log"
+    timeout 300 python3 bench/tma_gemv_probe.py --methods int8 --maths half2,none,exact \
+        --variants "8,2,5120,1,1;4,2,10240,1,1;16,1,5120,1,1;8,2,4096,1,1;8,2,5120,2,1" \
+        --out "$OUT/tma-gemv-coresident.json" > "$OUT/tma-gemv-coresident.log" 2>&1
+    cat "$OUT/tma-gemv-coresident.log" | tail -20
+    read -r shape math <<< "$(sed -n 's/^best int8 //p' "$OUT/tma-gemv-coresident.log")"
+    for flag in 1 0 1 0; do
+        GEMMA_CUDA_GEMV=$flag GEMMA_CUDA_GEMV_SHAPE=${shape:-8,2,5120,1} GEMMA_CUDA_GEMV_MATH=${math:-half2} timeout 70 \
+            python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization int8 \
+            --out "$OUT/w1-int8-coresident-cuda-gemv$flag.json" 2>&1 | grep -h '^W1' | sed "s/^/GEMMA_CUDA_GEMV=$flag $shape $math /"
+    done | tee "$OUT/w1-coresident.log"
+    ;;
 *)
-    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12 | 13 | 14 | 17 | 21 | 22 | 23" >&2
+    echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12 | 13 | 14 | 17 | 21 | 22 | 23 | 24" >&2
     exit 2
     ;;
 esac

@@ -259,6 +259,11 @@ int one_token_gemv_launch(const void* W, const float* scale, const void* x, void
     static size_t configured[4] = {0, 0, 0, 0};
     if (smem > configured[which]) {
         cudaError_t err = cudaFuncSetAttribute(fns[which], cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        // All of L1 as shared memory: where two blocks fit an SM (<= 114 KB each), the next kernel's
+        // block can become resident beside this one's, and ask for its first chunks while this one
+        // streams (PDL), instead of after it exits: one DRAM latency a kernel.
+        if (err == cudaSuccess)
+            err = cudaFuncSetAttribute(fns[which], cudaFuncAttributePreferredSharedMemoryCarveout, 100);
         if (err != cudaSuccess) return (int)err;
         configured[which] = smem;
     }
