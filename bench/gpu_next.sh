@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU calls of the eleventh to sixteenth runs, and the next session's. Each writes under $OUT (default
+# GPU calls of the eleventh to seventeenth runs, and the next session's. Each writes under $OUT (default
 # bench-out/; the device returns at most 8 files a call); docs/benchmarks.md names the call behind
 # every figure.
 #
@@ -18,9 +18,12 @@
 #   OUT=/some/dir bash bench/gpu_next.sh 21    (sixteenth run, ~3 minutes)
 #     the batch-1 megakernel: GPU tests, bench/megakernel_probe.py with its switches, compute-sanitizer,
 #     and the engine's W1 (bf16 and INT8) beside it.
-#   OUT=/some/dir bash bench/gpu_next.sh 22    (never run yet, ~7 minutes)
-#     the one-token INT8 GEMV on bulk-copy rings against the Triton one-token kernel (tma_gemv_probe),
-#     then W1 INT8 with GEMMA_CUDA_GEMV=1 against 0, A B A B.
+#   OUT=/some/dir bash bench/gpu_next.sh 22    (seventeenth run, ~6 minutes)
+#     the one-token GEMV on bulk-copy rings, INT8 and bf16: GPU tests, memcheck, eight ring shapes
+#     against the Triton one-token kernel (tma_gemv_probe), W1 with GEMMA_CUDA_GEMV=1 against 0.
+#   OUT=/some/dir bash bench/gpu_next.sh 23 / 24    (seventeenth run, ~3 minutes each)
+#     the same INT8 GEMV with float16-pair products and with none (the stream alone); 24: ring shapes
+#     small enough for the next kernel's block to sit beside. All slower than Triton on W1.
 #   OUT=/some/dir bash bench/gpu_next.sh 6     (~8 minutes)
 #     the whole GPU suite, then W2 with the default (1024-key) decode nodes against 512, one engine
 #     per run (the thirteenth run's A/B: 15,988 against 15,854 tok/s).

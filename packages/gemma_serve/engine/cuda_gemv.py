@@ -1,9 +1,12 @@
 """The one-token GEMV on bulk-copy rings (`csrc/one_token_gemv.cu`), experimental: INT8 weights with
 float32 row scales, or bf16 weights, against a bf16 token. Measured against the engine's Triton
-one-token kernel by `bench/tma_gemv_probe.py`; the engine's one-token projections take it with
-GEMMA_CUDA_GEMV=1 (`quantization.triton_weight_only_linear`), in the ring shape
-GEMMA_CUDA_GEMV_SHAPE="warps,slots,chunk bytes,blocks per SM" (default 16,2,5120,1), INT8 products
-in GEMMA_CUDA_GEMV_MATH (`MATHS`, default exact)."""
+one-token kernel by `bench/tma_gemv_probe.py`, and slower on every shape and ring tried (seventeenth
+run, H200, docs/benchmarks.md): Gemma 3 4B's 34 layers of projections take 1.26 ms (INT8, float16
+pairs) and 1.76 ms (bf16) against Triton's 1.00 and 1.61; W1 INT8 502 against 616 tok/s. Even with
+no products at all, its weight stream alone takes 0.95 ms. The engine's one-token projections take
+it only with GEMMA_CUDA_GEMV=1 (`quantization.triton_weight_only_linear`), in the ring shape
+GEMMA_CUDA_GEMV_SHAPE="warps,slots,chunk bytes,blocks per SM" (default 8,2,5120,2, the fastest),
+INT8 products as GEMMA_CUDA_GEMV_MATH says (`MATHS`, default half2, as the Triton path)."""
 
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ class OneTokenGemv:
     shared-memory slots of `chunk_bytes` (as many whole rows as fit, or parts of one); INT8
     products as `math` says (a `MATHS` key)."""
 
-    def __init__(self, nwarps: int = 16, nslots: int = 2, chunk_bytes: int = 5120, blocks_per_sm: int = 1,
+    def __init__(self, nwarps: int = 8, nslots: int = 2, chunk_bytes: int = 5120, blocks_per_sm: int = 2,
                  pdl: bool = True, math: str = "exact") -> None:
         if chunk_bytes % 16 or not (1 <= nwarps <= 32 and nslots >= 1 and blocks_per_sm >= 1):
             raise ValueError(f"ring shape: {nwarps} warps, {nslots} slots of {chunk_bytes} bytes (a multiple of 16)")
@@ -97,5 +100,5 @@ def parse_shape(text: str) -> tuple[int, int, int, int]:
 @functools.lru_cache(maxsize=None)
 def default_gemv() -> OneTokenGemv:
     """The engine's instance (GEMMA_CUDA_GEMV=1): GEMMA_CUDA_GEMV_SHAPE's ring shape, GEMMA_CUDA_GEMV_MATH."""
-    return OneTokenGemv(*parse_shape(os.environ.get("GEMMA_CUDA_GEMV_SHAPE", "16,2,5120,1")),
-                        math=os.environ.get("GEMMA_CUDA_GEMV_MATH", "exact"))
+    return OneTokenGemv(*parse_shape(os.environ.get("GEMMA_CUDA_GEMV_SHAPE", "8,2,5120,2")),
+                        math=os.environ.get("GEMMA_CUDA_GEMV_MATH", "half2"))

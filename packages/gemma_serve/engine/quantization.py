@@ -304,10 +304,9 @@ class OneTokenLinear(nn.Linear):
 ONE_TOKEN_GEMV = os.environ.get("GEMMA_ONE_TOKEN_GEMV", "1") == "1"
 # GEMMA_CUDA_GEMV=1: one-token projections of INT8 or bf16 weights (bf16 input) on the CUDA kernel
 # of `cuda_gemv.py` (bulk-copy rings, built with nvcc on first use) instead of the Triton one-token
-# kernel. Experimental and off: its first version made W1 INT8 slower (421 against 616 tok/s on an
-# H200, seventeenth run); the version with whole rows a chunk is measured by bench/gpu_next.sh 22.
-# Its sums run in another order than the Triton kernel's at 2-4 tokens, so a sequence alone and in
-# a small batch would differ in the last bits: adopting it needs the few-token path on the same kernel.
+# kernel. Experimental and off: slower on an H200 (seventeenth run; W1 INT8 502 against 616 tok/s,
+# bf16 382 against 419). Its sums run in another order than the Triton kernel's at 2-4 tokens, so
+# a sequence alone and in a small batch would differ in the last bits.
 CUDA_GEMV = os.environ.get("GEMMA_CUDA_GEMV", "0") == "1"
 # gate_up's GELU in the one-token kernel's epilogue; GEMMA_FUSED_GELU=0 runs the GELU kernel after it.
 FUSED_GELU = os.environ.get("GEMMA_FUSED_GELU", "1") == "1"

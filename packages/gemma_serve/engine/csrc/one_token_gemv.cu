@@ -10,9 +10,13 @@
 // are never written, and bulk copies land in shared memory, not registers. The Triton kernel could
 // only read one early tile a program without losing occupancy.
 //
-// The seventeenth run measured the first version (one row, or part of one, a chunk) at 57% of the
-// copy rate at best, and found it bound by the bytes in flight: halving the chunk cost 50%. An INT8
-// row of K = 2560 filled half of a 4 KB slot. Chunks now hold as many whole rows as fit.
+// Measured in the seventeenth run (H200, bench/tma_gemv_probe.py, docs/benchmarks.md): slower than
+// the Triton kernel on every shape. Gemma 3 4B's 34 layers of INT8 projections: 1.29 ms exact, 1.26
+// with float16-pair products (MATH 1), 0.95 with no products at all (MATH 2), against Triton's 1.00;
+// bf16 1.76 against 1.61. A kernel per projection loses ~1.5 us to its ramp and tail even streaming
+// alone, and the rings need ~160 KB an SM in flight: shapes small enough for the next kernel's block
+// to sit beside this one's stream at 63-68%, not 78%. Chunks hold as many whole rows as fit (the
+// first version's one-row chunks left half a 4 KB slot empty; 1-3% of the time).
 //
 // Launched with programmatic stream serialization (PDL) so that it can start while the kernel
 // before it drains; it lets the next kernel be scheduled once its own wait returns.
@@ -25,7 +29,7 @@
 #include "bulk_copy.cuh"
 
 #ifndef NWARPS
-#define NWARPS 16
+#define NWARPS 8
 #endif
 #ifndef NSLOT
 #define NSLOT 2
