@@ -66,6 +66,23 @@ w1_final() {  # W1, bf16 and INT8, on the code as it is
     grep -h '^W1' "$OUT/w1-final.log"
 }
 
+int8_ring_probe() {  # label, tests (-k), probe timeout, maths, ring shapes: the INT8 ring GEMV, then W1 INT8 A B A B
+    local label=$1 tests=$2 limit=$3 maths=$4 variants=$5 shape math
+    export PYTHONPATH=packages:.
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_one_token_gemv.py -k "$tests" \
+        > "$OUT/gpu-tests-$label.log" 2>&1
+    tail -2 "$OUT/gpu-tests-$label.log"
+    timeout "$limit" python3 bench/tma_gemv_probe.py --methods int8 --maths "$maths" --variants "$variants" \
+        --out "$OUT/tma-gemv-$label.json" > "$OUT/tma-gemv-$label.log" 2>&1
+    tail -20 "$OUT/tma-gemv-$label.log"
+    read -r shape math <<< "$(sed -n 's/^best int8 //p' "$OUT/tma-gemv-$label.log")"
+    for flag in 1 0 1 0; do
+        GEMMA_CUDA_GEMV=$flag GEMMA_CUDA_GEMV_SHAPE=${shape:-8,2,5120,2} GEMMA_CUDA_GEMV_MATH=${math:-half2} timeout 70 \
+            python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization int8 \
+            --out "$OUT/w1-int8-$label-cuda-gemv$flag.json" 2>&1 | grep -h '^W1' | sed "s/^/GEMMA_CUDA_GEMV=$flag $shape $math /"
+    done | tee "$OUT/w1-$label.log"
+}
+
 case "${1:-1}" in
 1)
     timeout 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu > "$OUT/gpu-tests.log" 2>&1
@@ -260,36 +277,14 @@ case "${1:-1}" in
     # Seventeenth run, second look at the INT8 ring GEMV: its INT8 products in float16 pairs (half2,
     # as the Triton path), and with no products at all (the weight stream alone), against exact, on
     # the three fastest ring shapes of case 22; then W1 INT8 on the fastest, A B A B.
-    export PYTHONPATH=packages:.
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_one_token_gemv.py -k half2 > "$OUT/gpu-tests-half2.log" 2>&1
-    tail -2 "$OUT/gpu-tests-half2.log"
-    timeout 240 python3 bench/tma_gemv_probe.py --methods int8 --maths exact,half2,none \
-        --variants "8,2,5120,2,1;16,2,5120,1,1;16,2,6144,1,1" --out "$OUT/tma-gemv-half2.json" > "$OUT/tma-gemv-half2.log" 2>&1
-    cat "$OUT/tma-gemv-half2.log" | tail -16
-    read -r shape math <<< "$(sed -n 's/^best int8 //p' "$OUT/tma-gemv-half2.log")"
-    for flag in 1 0 1 0; do
-        GEMMA_CUDA_GEMV=$flag GEMMA_CUDA_GEMV_SHAPE=${shape:-8,2,5120,2} GEMMA_CUDA_GEMV_MATH=${math:-half2} timeout 70 \
-            python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization int8 \
-            --out "$OUT/w1-int8-half2-cuda-gemv$flag.json" 2>&1 | grep -h '^W1' | sed "s/^/GEMMA_CUDA_GEMV=$flag $shape $math /"
-    done | tee "$OUT/w1-half2.log"
+    int8_ring_probe half2 half2 240 exact,half2,none "8,2,5120,2,1;16,2,5120,1,1;16,2,6144,1,1"
     ;;
 24)
     # Seventeenth run, third look: ring shapes of <= 114 KB a block, with all of L1 as shared memory,
     # so that the next kernel's block fits beside this one's and asks for its weights while this one
     # streams; INT8 products exact, half2 and none; then W1 INT8 on the fastest, A B A B.
-    export PYTHONPATH=packages:.
-    timeout 120 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_one_token_gemv.py -k "half2 or switch" > "$OUT/gpu-tests-coresident.log" 2>&1
-    tail -2 "$OUT/gpu-tests-coresident.log"
-    timeout 300 python3 bench/tma_gemv_probe.py --methods int8 --maths half2,none,exact \
-        --variants "8,2,5120,1,1;4,2,10240,1,1;16,1,5120,1,1;8,2,4096,1,1;8,2,5120,2,1" \
-        --out "$OUT/tma-gemv-coresident.json" > "$OUT/tma-gemv-coresident.log" 2>&1
-    cat "$OUT/tma-gemv-coresident.log" | tail -20
-    read -r shape math <<< "$(sed -n 's/^best int8 //p' "$OUT/tma-gemv-coresident.log")"
-    for flag in 1 0 1 0; do
-        GEMMA_CUDA_GEMV=$flag GEMMA_CUDA_GEMV_SHAPE=${shape:-8,2,5120,1} GEMMA_CUDA_GEMV_MATH=${math:-half2} timeout 70 \
-            python3 -m gemma_serve.bench.engine_bench --workloads W1 --quantization int8 \
-            --out "$OUT/w1-int8-coresident-cuda-gemv$flag.json" 2>&1 | grep -h '^W1' | sed "s/^/GEMMA_CUDA_GEMV=$flag $shape $math /"
-    done | tee "$OUT/w1-coresident.log"
+    int8_ring_probe coresident "half2 or switch" 300 half2,none,exact \
+        "8,2,5120,1,1;4,2,10240,1,1;16,1,5120,1,1;8,2,4096,1,1;8,2,5120,2,1"
     ;;
 *)
     echo "usage: OUT=dir bash bench/gpu_next.sh 1 | 2 | 4 | 5 | 6 | 7 | 8 | 11 | 12 | 13 | 14 | 17 | 21 | 22 | 23 | 24" >&2

@@ -1,5 +1,6 @@
 // Shared by the experimental kernels in this folder: shared-memory addresses, mbarriers, 1-D bulk
-// copies (cp.async.bulk, sm_90+) into shared memory, bf16 halves of a 32-bit word, a warp's sum.
+// copies (cp.async.bulk, sm_90+) into shared memory, bf16 halves of a 32-bit word, a warp's sum,
+// eight bf16 products.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,6 +13,17 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 __device__ __forceinline__ float bf_lo(uint32_t u) { return __uint_as_float(u << 16); }
 __device__ __forceinline__ float bf_hi(uint32_t u) { return __uint_as_float(u & 0xffff0000u); }
+// acc0 / acc1 + eight bf16 weights (w) times their eight bf16 inputs (x), even and odd elements apart.
+__device__ __forceinline__ void dot8_bf16(const uint4& w, const uint4& x, float& acc0, float& acc1) {
+    acc0 = fmaf(bf_lo(w.x), bf_lo(x.x), acc0);
+    acc1 = fmaf(bf_hi(w.x), bf_hi(x.x), acc1);
+    acc0 = fmaf(bf_lo(w.y), bf_lo(x.y), acc0);
+    acc1 = fmaf(bf_hi(w.y), bf_hi(x.y), acc1);
+    acc0 = fmaf(bf_lo(w.z), bf_lo(x.z), acc0);
+    acc1 = fmaf(bf_hi(w.z), bf_hi(x.z), acc1);
+    acc0 = fmaf(bf_lo(w.w), bf_lo(x.w), acc0);
+    acc1 = fmaf(bf_hi(w.w), bf_hi(x.w), acc1);
+}
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {

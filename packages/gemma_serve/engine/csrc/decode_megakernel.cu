@@ -256,14 +256,7 @@ __device__ __forceinline__ float ring_dot(Ring& r, const bf16* x, int n, Cursor&
         const int v = lane + 32 * i;
         if (v < n / 8) {
             const uint4 w = w4[v], xv = x4[v];
-            acc0 = fmaf(bf_lo(w.x), bf_lo(xv.x), acc0);
-            acc1 = fmaf(bf_hi(w.x), bf_hi(xv.x), acc1);
-            acc0 = fmaf(bf_lo(w.y), bf_lo(xv.y), acc0);
-            acc1 = fmaf(bf_hi(w.y), bf_hi(xv.y), acc1);
-            acc0 = fmaf(bf_lo(w.z), bf_lo(xv.z), acc0);
-            acc1 = fmaf(bf_hi(w.z), bf_hi(xv.z), acc1);
-            acc0 = fmaf(bf_lo(w.w), bf_lo(xv.w), acc0);
-            acc1 = fmaf(bf_hi(w.w), bf_hi(xv.w), acc1);
+            dot8_bf16(w, xv, acc0, acc1);
         }
     }
     }

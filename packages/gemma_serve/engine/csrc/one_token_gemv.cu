@@ -95,14 +95,7 @@ __device__ __forceinline__ void fma8(const unsigned char* seg, const uint4* x4, 
     const uint4 xv = x4[v];
     if constexpr (WB16) {
         const uint4 w = reinterpret_cast<const uint4*>(seg)[v];
-        acc0 = fmaf(bf_lo(w.x), bf_lo(xv.x), acc0);
-        acc1 = fmaf(bf_hi(w.x), bf_hi(xv.x), acc1);
-        acc0 = fmaf(bf_lo(w.y), bf_lo(xv.y), acc0);
-        acc1 = fmaf(bf_hi(w.y), bf_hi(xv.y), acc1);
-        acc0 = fmaf(bf_lo(w.z), bf_lo(xv.z), acc0);
-        acc1 = fmaf(bf_hi(w.z), bf_hi(xv.z), acc1);
-        acc0 = fmaf(bf_lo(w.w), bf_lo(xv.w), acc0);
-        acc1 = fmaf(bf_hi(w.w), bf_hi(xv.w), acc1);
+        dot8_bf16(w, xv, acc0, acc1);
     } else {
         const uint2 w = reinterpret_cast<const uint2*>(seg)[v];
         const uint32_t a = w.x ^ 0x80808080u, b = w.y ^ 0x80808080u;
